@@ -1,0 +1,299 @@
+"""The one typed config tree for prepare_data, pretrain, tune_mixing and the KubeRay entrypoints.
+
+A run is described by a YAML file (presets live in ``jobs/configs/``) plus dotted ``key=value``
+overrides from the command line. Unknown keys and values of the wrong type are errors that name the
+key, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+KINDS = ("image_text", "image", "text")
+
+
+class ConfigError(ValueError):
+    """A config file or override that does not fit the tree."""
+
+
+@dataclass
+class StorageConfig:
+    """Where s3:// URIs resolve. Credentials come only from the environment (AWS_* variables)."""
+
+    s3_endpoint_url: str = ""
+    s3_region: str = "us-east-1"
+
+
+@dataclass
+class PrepareConfig:
+    """Converts one raw source into a dataset of shards (one kind per dataset)."""
+
+    source: str = ""  # captioned_folder | webdataset | image_folder | text
+    inputs: list[str] = field(default_factory=list)  # folders, .tar files, text/jsonl files
+    captions: str = ""  # captions .jsonl/.csv for captioned_folder (default: <folder>/captions.jsonl)
+    output: str = ""  # local dir or s3:// URI of the dataset
+    shard_prefix: str = "shard"
+    image_size: int = 224
+    patch_size: int = 16
+    min_image_size: int = 32
+    shard_rows: int = 2048
+    shard_bytes: int = 256 * 1024 * 1024
+    row_group_rows: int = 256
+    codebook: str = ""  # FlavaImageCodebook dir (local or s3://); empty = random init, recorded as such
+    codebook_seed: int = 0
+    codebook_batch_size: int = 64
+    codebook_actors: int = 1
+    strict: bool = False
+
+
+@dataclass
+class DemoConfig:
+    """The generated demo corpus that the embedded default trains on (no download)."""
+
+    root: str = "demo_data"
+    pairs: int = 1536
+    images: int = 768
+    texts: int = 3072
+    val_fraction: float = 0.125
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    """Datasets per kind and split, and how batches are made from them."""
+
+    train: dict[str, str] = field(default_factory=dict)  # kind -> dataset dir or s3:// URI
+    val: dict[str, str] = field(default_factory=dict)
+    ratios: dict[str, float] = field(default_factory=lambda: {"image_text": 0.5, "image": 0.25, "text": 0.25})
+    batch_size: int = 16  # per worker
+    tokenizer: str = ""  # WordPiece dir (local or s3://); empty = train one on the text shards
+    vocab_size: int = 8192  # only for a tokenizer trained here
+    max_text_length: int = 32
+    mlm_probability: float = 0.15
+    mim_mask_ratio: float = 0.4
+    itm_negative_fraction: float = 0.25
+    flip_probability: float = 0.5
+    shuffle_buffer: int = 256
+    on_corrupt_shard: str = "error"  # error | skip
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "small"
+    overrides: dict[str, Any] = field(default_factory=dict)  # flat builder kwargs
+    loss_weights: dict[str, float] = field(default_factory=dict)
+    init_checkpoint: str = ""  # transformers FlavaForPreTraining dir (local or s3://)
+    activation_checkpointing: bool = False
+
+
+@dataclass
+class TrainConfig:
+    run_name: str = "flava-demo"
+    storage_path: str = "runs"  # local dir or s3:// URI; checkpoints live under <storage>/<run_name>
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+    steps: int = 200
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    warmup_steps: int = 20
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    log_every: int = 10
+    val_every: int = 100
+    val_batches: int = 4
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    max_failures: int = 0
+    collective_timeout_s: int = 300
+    seed: int = 0
+
+
+@dataclass
+class MLflowConfig:
+    tracking_uri: str = ""  # empty: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working dir
+    experiment: str = "flava-pretrain"
+
+
+@dataclass
+class TuneConfig:
+    num_samples: int = 8
+    search: str = "random"  # random | grid
+    dirichlet_alpha: float = 1.0
+    grid_steps: int = 3
+    lr_choices: list[float] = field(default_factory=list)  # empty: keep train.lr
+    scheduler: str = "asha"  # asha | none
+    grace_period: int = 1
+    reduction_factor: int = 2
+    max_concurrent_trials: int = 0  # 0: derived from cluster resources
+    max_failures: int = 1
+    storage_path: str = "tune_runs"
+    name: str = "mixing-sweep"
+
+
+@dataclass
+class Config:
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    prepare: PrepareConfig = field(default_factory=PrepareConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    mlflow: MLflowConfig = field(default_factory=MLflowConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    """Checks (and where lossless, converts) a YAML value against a field's type."""
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return value
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {type(value).__name__}")
+        return _build(hint, value, key)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError("; ".join(errors))
+    if origin is dict:
+        key_t, val_t = typing.get_args(hint)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return {_coerce(k, key_t, key): _coerce(v, val_t, f"{key}.{k}") for k, v in value.items()}
+    if origin is list:
+        (item_t,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, item_t, f"{key}[{i}]") for i, v in enumerate(value)]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is str and isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    if hint in (int, float, bool, str):
+        if isinstance(value, bool) != (hint is bool) or not isinstance(value, hint):
+            raise ConfigError(f"{key}: expected {hint.__name__}, got {value!r}")
+        return value
+    raise ConfigError(f"{key}: unsupported field type {hint}")
+
+
+def _build(cls: type, values: dict, prefix: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        where = f"{prefix}." if prefix else ""
+        raise ConfigError(
+            f"unknown config key(s): {', '.join(where + u for u in unknown)} "
+            f"(known under {prefix or 'the top level'}: {', '.join(sorted(names))})"
+        )
+    kwargs = {k: _coerce(v, hints[k], f"{prefix}.{k}" if prefix else k) for k, v in values.items()}
+    return cls(**kwargs)
+
+
+def to_dict(config: Any) -> dict:
+    return dataclasses.asdict(config)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{dotted}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+def _validate_dotted(dotted: str) -> None:
+    """Rejects an override whose path does not exist in the tree (dict-valued fields accept new keys)."""
+    cls: Any = Config
+    for i, part in enumerate(dotted.split(".")):
+        if not dataclasses.is_dataclass(cls):
+            if typing.get_origin(cls) is dict:
+                return
+            raise ConfigError(f"{dotted}: {'.'.join(dotted.split('.')[:i])} has no sub-keys")
+        hints = typing.get_type_hints(cls)
+        if part not in hints:
+            known = ", ".join(sorted(hints))
+            raise ConfigError(f"unknown config key: {dotted} (known at this level: {known})")
+        cls = hints[part]
+
+
+def _with_defaults(cls: type, values: dict) -> dict:
+    """The full tree: defaults, replaced by the YAML values (a mapping-valued field is replaced whole)."""
+    tree = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in values:
+            given = values[f.name]
+            nested = dataclasses.is_dataclass(hints[f.name]) and isinstance(given, dict)
+            tree[f.name] = _with_defaults(hints[f.name], given) if nested else given
+        else:
+            tree[f.name] = dataclasses.asdict(cls())[f.name]
+    tree.update({k: v for k, v in values.items() if k not in tree})  # unknown keys: reported by _build
+    return tree
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Reads YAML (if given), applies ``a.b.c=value`` overrides (values parsed as YAML), type-checks."""
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        loaded = yaml.safe_load(path.read_text())
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: top level must be a mapping")
+        tree = loaded or {}
+    tree = _with_defaults(Config, tree)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        dotted, raw = item.split("=", 1)
+        _validate_dotted(dotted)
+        _set_dotted(tree, dotted, yaml.safe_load(raw) if raw != "" else "")
+    return _build(Config, tree)
+
+
+def dump_config(config: Config) -> str:
+    return yaml.safe_dump(to_dict(config), sort_keys=False)
+
+
+def parse_cli(
+    argv: list[str] | None,
+    description: str,
+    add_arguments: typing.Callable[[argparse.ArgumentParser], None] | None = None,
+) -> tuple[Config, argparse.Namespace]:
+    """The command line every job shares: ``--config FILE [key=value ...] [--dry-run]``."""
+    parser = argparse.ArgumentParser(description=description)
+    if add_arguments is not None:
+        add_arguments(parser)
+    parser.add_argument("--config", help="YAML file (presets in jobs/configs/)")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="validate the config and inputs, print it, start nothing"
+    )
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        parser.exit(2, f"config error: {e}\n")
+    return config, args

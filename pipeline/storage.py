@@ -1,0 +1,128 @@
+"""Local paths and s3:// URIs behind one small interface (pyarrow filesystems).
+
+Credentials are never part of the config: pyarrow and boto3 read the standard AWS_* environment
+variables. Only the endpoint (for S3-compatible stores such as MinIO or moto) and region are configured.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pyarrow.fs as pafs
+
+from pipeline.config import StorageConfig
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def join(uri: str, *parts: str) -> str:
+    return "/".join([uri.rstrip("/"), *parts])
+
+
+def s3_filesystem(storage: StorageConfig) -> pafs.S3FileSystem:
+    kwargs: dict = {
+        "region": storage.s3_region,
+        # transient outages (a restarted endpoint, throttling) are retried with backoff by the SDK
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=storage_retries()),
+        "connect_timeout": 5,
+        "request_timeout": 30,
+    }
+    if storage.s3_endpoint_url:
+        parsed = urlparse(storage.s3_endpoint_url)
+        kwargs["endpoint_override"] = parsed.netloc or parsed.path
+        kwargs["scheme"] = parsed.scheme or "https"
+    return pafs.S3FileSystem(**kwargs)
+
+
+def storage_retries() -> int:
+    return int(os.environ.get("FLAVA_S3_MAX_ATTEMPTS", "8"))
+
+
+def resolve(uri: str, storage: StorageConfig) -> tuple[pafs.FileSystem, str]:
+    """Returns the filesystem and the path inside it (bucket/key for S3, absolute path locally)."""
+    if is_s3(uri):
+        return s3_filesystem(storage), uri[len("s3://") :].rstrip("/")
+    return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
+
+
+def read_bytes(uri: str, storage: StorageConfig) -> bytes:
+    fs, path = resolve(uri, storage)
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def write_bytes_atomic(uri: str, data: bytes, storage: StorageConfig) -> None:
+    """Readers see either the old object or the whole new one, never a partial write.
+
+    Locally: write a temporary sibling, fsync, rename. On S3 a single PUT is already atomic.
+    """
+    fs, path = resolve(uri, storage)
+    if isinstance(fs, pafs.LocalFileSystem):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return
+    with fs.open_output_stream(path) as f:
+        f.write(data)
+
+
+def file_size(uri: str, storage: StorageConfig) -> int | None:
+    """Size in bytes, or None where the file does not exist."""
+    fs, path = resolve(uri, storage)
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        return None
+    return info.size
+
+
+def exists(uri: str, storage: StorageConfig) -> bool:
+    fs, path = resolve(uri, storage)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def makedirs(uri: str, storage: StorageConfig) -> None:
+    fs, path = resolve(uri, storage)
+    fs.create_dir(path, recursive=True)
+
+
+def delete_file(uri: str, storage: StorageConfig) -> None:
+    fs, path = resolve(uri, storage)
+    fs.delete_file(path)
+
+
+def localize_dir(uri: str, storage: StorageConfig, cache_root: str | None = None) -> str:
+    """A local directory with the contents of ``uri`` (downloaded once for s3://, as is otherwise).
+
+    Used for artefacts that libraries only read from disk: tokenizers, codebook and model weights.
+    """
+    if not is_s3(uri):
+        path = Path(uri).expanduser()
+        if not path.is_dir():
+            raise FileNotFoundError(f"directory not found: {uri}")
+        return str(path)
+    fs, root = resolve(uri, storage)
+    cache = Path(cache_root or tempfile.gettempdir()) / "flava-ray-cache" / root.replace("/", "__")
+    done = cache / ".complete"
+    if done.exists():
+        return str(cache)
+    infos = fs.get_file_info(pafs.FileSelector(root, recursive=True))
+    files = [i for i in infos if i.type == pafs.FileType.File]
+    if not files:
+        raise FileNotFoundError(f"nothing stored under {uri}")
+    for info in files:
+        target = cache / os.path.relpath(info.path, root)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with fs.open_input_stream(info.path) as src:
+            target.write_bytes(src.read())
+    done.touch()
+    return str(cache)
