@@ -49,8 +49,12 @@ class PrepareConfig:
     row_group_rows: int = 256
     codebook: str = ""  # FlavaImageCodebook dir (local or s3://); empty = random init, recorded as such
     codebook_seed: int = 0
+    codebook_hidden_size: int = 256  # random-init codebook only (FLAVA's is 256; smaller is faster)
     codebook_batch_size: int = 64
-    codebook_actors: int = 1
+    codebook_actors: int = 1  # concurrency of the codebook actor pool (one GPU each when present)
+    image_format: str = "png"  # png (lossless: codes match any decoder) | jpeg (smaller)
+    jpeg_quality: int = 95
+    val_fraction: float = 0.0  # > 0: hold out keys by hash into <output>/val, the rest into <output>/train
     strict: bool = False
 
 
@@ -83,6 +87,7 @@ class DataConfig:
     flip_probability: float = 0.5
     shuffle_buffer: int = 256
     on_corrupt_shard: str = "error"  # error | skip
+    verify_checksums: bool = True  # sha256 of every shard before reading (sizes are always checked)
     seed: int = 0
 
 
@@ -103,10 +108,13 @@ class TrainConfig:
     use_gpu: bool = False
     cpus_per_worker: int = 1
     steps: int = 200
+    stop_at_step: int = 0  # >0: end this job at that step with a checkpoint (a run split across jobs)
     lr: float = 1e-3
     weight_decay: float = 0.1
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    adam_eps: float = 1e-8
     warmup_steps: int = 20
+    min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio at train.steps
     grad_clip: float = 1.0
     grad_accum: int = 1
     log_every: int = 10
@@ -116,6 +124,8 @@ class TrainConfig:
     keep_checkpoints: int = 2
     max_failures: int = 0
     collective_timeout_s: int = 300
+    bf16: bool = True  # autocast to bfloat16 on GPU (CPU runs stay float32)
+    export_model: bool = True  # transformers-layout export to <storage>/<run_name>/hf_model + MLflow
     seed: int = 0
 
 
@@ -123,19 +133,28 @@ class TrainConfig:
 class MLflowConfig:
     tracking_uri: str = ""  # empty: MLFLOW_TRACKING_URI, else sqlite:///mlflow.db in the working dir
     experiment: str = "flava-pretrain"
+    # set by a sweep (pipeline/tune) so that each trial's training run is a nested child of the sweep's run
+    parent_run_id: str = ""
+    run_tags: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
 class TuneConfig:
-    num_samples: int = 8
+    """A sweep of mixing ratios (and optionally lr); each trial is a short pretraining run (train.*)."""
+
+    kinds: list[str] = field(default_factory=list)  # kinds on the simplex; empty: every kind in data.train
+    num_samples: int = 8  # random: Dirichlet draws; grid: repeats of the whole grid
     search: str = "random"  # random | grid
     dirichlet_alpha: float = 1.0
-    grid_steps: int = 3
+    grid_steps: int = 3  # grid: weights are multiples of 1/grid_steps
     lr_choices: list[float] = field(default_factory=list)  # empty: keep train.lr
+    seed: int = 0
     scheduler: str = "asha"  # asha | none
-    grace_period: int = 1
+    grace_period: int = 1  # in validation rounds (train.val_every steps)
     reduction_factor: int = 2
     max_concurrent_trials: int = 0  # 0: derived from cluster resources
+    workers_per_trial: int = 0  # 0: train.num_workers, reduced to what one trial can get
+    data_cpus_per_trial: float = 1.0  # CPUs left free for each trial's Ray Data tasks
     max_failures: int = 1
     storage_path: str = "tune_runs"
     name: str = "mixing-sweep"
@@ -210,6 +229,11 @@ def _build(cls: type, values: dict, prefix: str = "") -> Any:
 
 def to_dict(config: Any) -> dict:
     return dataclasses.asdict(config)
+
+
+def from_dict(tree: dict) -> Config:
+    """The inverse of ``to_dict`` (what Ray ships to workers is a plain dict), type-checked again."""
+    return _build(Config, _with_defaults(Config, tree))
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:

@@ -44,11 +44,18 @@ def storage_retries() -> int:
     return int(os.environ.get("FLAVA_S3_MAX_ATTEMPTS", "8"))
 
 
+def fs_path(uri: str) -> str:
+    """The path of ``uri`` inside its filesystem (bucket/key for S3, absolute path locally)."""
+    if is_s3(uri):
+        return uri[len("s3://") :].rstrip("/")
+    return str(Path(uri).expanduser().resolve())
+
+
 def resolve(uri: str, storage: StorageConfig) -> tuple[pafs.FileSystem, str]:
     """Returns the filesystem and the path inside it (bucket/key for S3, absolute path locally)."""
     if is_s3(uri):
-        return s3_filesystem(storage), uri[len("s3://") :].rstrip("/")
-    return pafs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
+        return s3_filesystem(storage), fs_path(uri)
+    return pafs.LocalFileSystem(), fs_path(uri)
 
 
 def read_bytes(uri: str, storage: StorageConfig) -> bytes:

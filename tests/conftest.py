@@ -13,6 +13,13 @@ SHARED = ROOT.parent / "shared"
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+# Dummy credentials for the moto S3 endpoint, set before any Ray worker starts: workers inherit the
+# environment of the raylet, so setting them later (inside a fixture) would not reach them. Forcing
+# them also guarantees that no real AWS credentials are ever used by a test.
+os.environ.update(
+    {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+)
+
 
 @pytest.fixture(scope="session")
 def ray_cluster():
@@ -36,3 +43,21 @@ def shared_dir() -> Path:
     if not SHARED.is_dir():
         pytest.skip(f"{SHARED} is absent: real-corpus and KubeRay-schema tests need the shared material")
     return SHARED
+
+
+@pytest.fixture(scope="session")
+def moto_s3():
+    """A real S3-compatible HTTP endpoint (moto server on a free port) with bucket ``test-bucket``.
+
+    Yields the endpoint URL; use it as ``storage.s3_endpoint_url`` and write under ``s3://test-bucket/``.
+    """
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="test-bucket")
+    yield endpoint
+    server.stop()
