@@ -1,0 +1,204 @@
+"""FLAVA for pretraining: encoders, heads and the per-kind loss computation.
+
+Numerically this is transformers' ``FlavaForPreTraining`` (the parity tests are the oracle). Where the
+reference makes choices the paper does not spell out, or differs from it, we follow the reference:
+- the multimodal encoder consumes the unimodal states *before* their final LayerNorm, and the contrastive
+  embeddings are projections of the final-LayerNormed CLS states (the unimodal poolers are unused);
+- ITM negatives are dropped as contrastive queries but stay as distractor columns, and are excluded
+  from MMM; if a batch has no ITM positive at all, contrastive and MMM use every row;
+- the MIM/MLM/MMM decoders are not tied to any embedding; the heads' ``bias`` is the decoder bias;
+- all six loss weights default to 1; the logit scale starts at ln(1/0.07) and is clamped to [0, ln 100].
+Deliberate differences that leave a step's maths unchanged: the logit scale is clamped functionally in
+forward (transformers clamps the parameter in place, which would not reach an FSDP2 shard; call
+``clamp_logit_scale_`` after the optimizer step to also keep the stored value in range); which losses run
+is decided by ``batch["kind"]``, and unimodal batches run only the masked pass (transformers also runs an
+unused unmasked image pass); a loss with weight 0 is not computed, but ITM negatives stay excluded from
+contrastive and MMM even when the ITM weight is 0 (transformers then forgets them); ``losses`` holds
+unweighted values and ``loss`` their weighted sum; a masked loss with no target on this rank is 0, not NaN.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.config import LOGIT_SCALE_INIT, LOGIT_SCALE_MAX, FlavaSpec
+from model.encoders import ImageEncoder, MultimodalEncoder, TextEncoder
+from model.heads import ITMHead, MaskedPredictionHead, global_contrastive, masked_prediction
+from model.layers import CarriedPooler, TransformerLayer, upcast
+
+KIND_KEYS = {
+    "image": ("pixel_values", "bool_masked_pos", "mim_labels"),
+    "text": ("input_ids_masked", "attention_mask", "mlm_labels"),
+    "image_text": (
+        "pixel_values",
+        "bool_masked_pos",
+        "mim_labels",
+        "input_ids",
+        "input_ids_masked",
+        "attention_mask",
+        "mlm_labels",
+        "itm_labels",
+    ),
+}
+IGNORE_INDEX = -100
+
+
+@dataclass
+class FlavaOutput:
+    loss: torch.Tensor
+    losses: dict[str, torch.Tensor]
+    logits: dict[str, torch.Tensor] = field(default_factory=dict)
+    # Final-LayerNormed last hidden states: image/text (unmasked pass), *_masked, multimodal_masked.
+    hidden: dict[str, torch.Tensor] = field(default_factory=dict)
+    # L2-normalised projected CLS embeddings used by the contrastive loss.
+    embeddings: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+class FlavaForPretraining(nn.Module):
+    def __init__(self, spec: FlavaSpec):
+        super().__init__()
+        self.spec = spec
+        d = spec.hidden_size
+        self.image_encoder = ImageEncoder(spec)
+        self.text_encoder = TextEncoder(spec)
+        self.mm_encoder = MultimodalEncoder(spec)
+        self.image_projection = nn.Linear(d, spec.projection_dim)
+        self.text_projection = nn.Linear(d, spec.projection_dim)
+        # Shape (1,), not a scalar as in transformers: FSDP2 cannot shard 0-dim parameters.
+        self.logit_scale = nn.Parameter(torch.full((1,), LOGIT_SCALE_INIT))
+        self.mim_head = MaskedPredictionHead(d, spec.mim_vocab_size, spec.layer_norm_eps)
+        self.mlm_head = MaskedPredictionHead(d, spec.text_vocab_size, spec.layer_norm_eps)
+        self.mmm_image_head = MaskedPredictionHead(d, spec.mim_vocab_size, spec.layer_norm_eps)
+        self.mmm_text_head = MaskedPredictionHead(d, spec.text_vocab_size, spec.layer_norm_eps)
+        self.itm_head = ITMHead(d)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Truncated normal(0, std) at +-2 std for matrices and embeddings, zeros for biases, CLS, mask and
+        position tokens (transformers draws an untruncated normal; the truncation only trims outliers)."""
+        std = self.spec.init_std
+        for module in self.modules():
+            if isinstance(module, nn.Linear | nn.Conv2d | nn.Embedding | CarriedPooler):
+                nn.init.trunc_normal_(module.weight, std=std, a=-2 * std, b=2 * std)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+            elif isinstance(module, nn.LayerNorm):
+                module.reset_parameters()
+        self.text_encoder.word_embed.weight[self.spec.pad_token_id].zero_()
+        for token in (
+            self.image_encoder.cls_token,
+            self.image_encoder.mask_token,
+            self.image_encoder.pos_embed,
+            self.mm_encoder.cls_token,
+        ):
+            token.zero_()
+        self.logit_scale.fill_(LOGIT_SCALE_INIT)
+
+    def transformer_layers(self) -> list[TransformerLayer]:
+        """The units to shard and checkpoint one at a time (image, text, then multimodal layers)."""
+        return [
+            layer
+            for enc in (self.image_encoder, self.text_encoder, self.mm_encoder)
+            for layer in enc.encoder.layers
+        ]
+
+    @torch.no_grad()
+    def clamp_logit_scale_(self) -> None:
+        self.logit_scale.clamp_(0.0, LOGIT_SCALE_MAX)
+
+    def _temperature_log(self) -> torch.Tensor:
+        return self.logit_scale.clamp(0.0, LOGIT_SCALE_MAX)
+
+    def _project(self, projection: nn.Linear, states: torch.Tensor) -> torch.Tensor:
+        return F.normalize(projection(states[:, 0]), dim=-1)
+
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """L2-normalised image embedding (B, projection_dim), the one the contrastive loss uses."""
+        return self._project(self.image_projection, self.image_encoder(pixel_values)[1])
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """L2-normalised text embedding (B, projection_dim), the one the contrastive loss uses."""
+        return self._project(self.text_projection, self.text_encoder(input_ids, attention_mask)[1])
+
+    def forward(self, batch: dict) -> FlavaOutput:
+        kind = batch.get("kind")
+        if kind not in KIND_KEYS:
+            raise ValueError(f'batch["kind"] must be one of {sorted(KIND_KEYS)}, got {kind!r}')
+        missing = [k for k in KIND_KEYS[kind] if k not in batch]
+        if missing:
+            raise ValueError(f"batch of kind {kind!r} lacks {missing}")
+        out = FlavaOutput(loss=torch.zeros(()), losses={})
+        weights = self.spec.loss_weights
+        if kind == "image":
+            self._image_losses(batch, out, weights)
+        elif kind == "text":
+            self._text_losses(batch, out, weights)
+        else:
+            self._image_text_losses(batch, out, weights)
+        if out.losses:
+            out.loss = sum(weights[name] * value for name, value in out.losses.items())
+        return out
+
+    def _image_losses(self, batch: dict, out: FlavaOutput, weights: dict[str, float]) -> None:
+        states = self.image_encoder(batch["pixel_values"], batch["bool_masked_pos"])[1]
+        out.hidden["image_masked"] = states
+        if weights["mim"] > 0:
+            masked = batch["bool_masked_pos"].bool()
+            out.losses["mim"], out.logits["mim"] = masked_prediction(
+                self.mim_head, states[:, 1:], batch["mim_labels"], masked
+            )
+
+    def _text_losses(self, batch: dict, out: FlavaOutput, weights: dict[str, float]) -> None:
+        states = self.text_encoder(batch["input_ids_masked"], batch["attention_mask"])[1]
+        out.hidden["text_masked"] = states
+        if weights["mlm"] > 0:
+            labels = batch["mlm_labels"]
+            out.losses["mlm"], out.logits["mlm"] = masked_prediction(
+                self.mlm_head, states, labels, labels != IGNORE_INDEX
+            )
+
+    def _image_text_losses(self, batch: dict, out: FlavaOutput, weights: dict[str, float]) -> None:
+        attention_mask = batch["attention_mask"]
+        positive = batch["itm_labels"].reshape(-1) != 0
+        rows = positive | ~positive.any()  # the reference falls back to every row without any positive
+
+        if weights["global_contrastive"] > 0:
+            image = self.image_encoder(batch["pixel_values"])[1]
+            text = self.text_encoder(batch["input_ids"], attention_mask)[1]
+            image_emb = self._project(self.image_projection, image)
+            text_emb = self._project(self.text_projection, text)
+            loss, per_image, per_text = global_contrastive(image_emb, text_emb, self._temperature_log(), rows)
+            out.losses["global_contrastive"] = loss
+            out.logits.update(contrastive_per_image=per_image, contrastive_per_text=per_text)
+            out.hidden.update(image=image, text=text)
+            out.embeddings.update(image=image_emb, text=text_emb)
+
+        if not any(weights[name] > 0 for name in ("itm", "mmm_image", "mmm_text")):
+            return
+        bool_masked_pos = batch["bool_masked_pos"].bool()
+        image_pre, image_masked = self.image_encoder(batch["pixel_values"], bool_masked_pos)
+        text_pre, text_masked = self.text_encoder(batch["input_ids_masked"], attention_mask)
+        mm = self.mm_encoder(image_pre, text_pre, attention_mask)
+        out.hidden.update(image_masked=image_masked, text_masked=text_masked, multimodal_masked=mm)
+
+        if weights["itm"] > 0:
+            out.logits["itm"] = self.itm_head(mm)
+            out.losses["itm"] = F.cross_entropy(upcast(out.logits["itm"]), batch["itm_labels"].reshape(-1))
+        num_patches = image_pre.shape[1] - 1
+        if weights["mmm_image"] > 0:
+            out.losses["mmm_image"], out.logits["mmm_image"] = masked_prediction(
+                self.mmm_image_head,
+                mm[rows, 2 : 2 + num_patches],
+                batch["mim_labels"][rows],
+                bool_masked_pos[rows],
+            )
+        if weights["mmm_text"] > 0:
+            labels = batch["mlm_labels"][rows]
+            out.losses["mmm_text"], out.logits["mmm_text"] = masked_prediction(
+                self.mmm_text_head, mm[rows, 2 + num_patches :], labels, labels != IGNORE_INDEX
+            )
