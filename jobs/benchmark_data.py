@@ -1,0 +1,53 @@
+"""Input-pipeline throughput: ``python jobs/benchmark_data.py [--config FILE] [key=value ...] [--workers W]``.
+
+Runs the same shards (synthetic ones unless --dataset is given) and transforms through a single process
+(the per-core bound), a torch DataLoader with W workers and Ray Data on W CPUs, and prints samples/s with
+ratios. Targets: Ray Data >= DataLoader, and >= 70% of the per-core bound per CPU it uses.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.config import parse_cli  # noqa: E402
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--kind", default="image_text", choices=["image_text", "image", "text"])
+    parser.add_argument(
+        "--dataset", default="", help="prepared dataset dir or s3:// URI (default: synthetic)"
+    )
+    parser.add_argument("--rows", type=int, default=1024, help="rows of the synthetic dataset")
+    parser.add_argument("--image-size", type=int, default=224, help="image size of the synthetic dataset")
+    parser.add_argument("--workers", type=int, default=2, help="DataLoader workers = Ray CPUs")
+    parser.add_argument("--rounds", type=int, default=3, help="timed epochs per path, interleaved")
+    parser.add_argument("--prepare-rows", type=int, default=64, help="rows per prepare (map_batches) call")
+
+
+def main(argv: list[str] | None = None) -> int:
+    config, args = parse_cli(argv, __doc__, add_arguments)
+    from pipeline.data import benchmark
+
+    if args.dry_run:
+        print(f"would benchmark {args.kind} ({args.dataset or 'synthetic'}) with {args.workers} workers")
+        return 0
+    results = benchmark.run(
+        args.overrides,
+        args.kind,
+        args.dataset,
+        args.rows,
+        args.image_size,
+        args.workers,
+        args.rounds,
+        args.prepare_rows,
+        args.config,
+    )
+    print(benchmark.format_table(results, args.workers))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""Input-pipeline throughput on the same shards and transforms, three ways, in one run.
+
+- per-core bound: one process reads, prepares, batches and augments (no parallelism, no transfer);
+- torch DataLoader with W worker processes preparing shards, the main process batching and augmenting;
+- Ray Data: ``read_parquet`` + ``map_batches`` on a local cluster of W CPUs, consumed with ``iter_batches``
+  and augmented exactly as the Train worker's ``MixedStream`` does.
+Each path runs one warm-up epoch (worker start-up, imports) and then timed epochs.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch.utils.data
+
+from pipeline import storage
+from pipeline.config import Config, StorageConfig, load_config
+from pipeline.data.datasets import PrepareBatch, arrow_columns, transform_params
+from pipeline.data.synthetic import write_synthetic_dataset
+from pipeline.data.tokenizer import WordPieceTokenizer, load_or_train_tokenizer, train_tokenizer
+from pipeline.data.transforms import TransformParams, augment_batch, batch_rng, prepare_rows
+from pipeline.shards import format as shard_format
+
+
+@dataclass
+class Setup:
+    kind: str
+    dataset: str
+    paths: list[str]
+    storage: StorageConfig
+    params: TransformParams
+    tokenizer: WordPieceTokenizer | None
+    batch_size: int
+    prepare_rows: int
+    rows: int
+
+
+def make_setup(
+    config: Config, kind: str, dataset: str, rows: int, image_size: int, prepare_rows_: int
+) -> Setup:
+    if not dataset:
+        dataset = tempfile.mkdtemp(prefix="flava-bench-")
+        write_synthetic_dataset(dataset, kind, rows, max(4, rows // 128), image_size, config.storage)
+    manifest = shard_format.read_manifest(dataset, config.storage)
+    config.data.train = {kind: dataset}
+    if kind == "image":  # no captions: the params still want token ids, which image batches never use
+        tokenizer = train_tokenizer(iter(["image only"]), 64, config.data.max_text_length)
+    else:
+        tokenizer = load_or_train_tokenizer(config)
+    params = transform_params(config, tokenizer, manifest.image_size)
+    paths = [storage.join(dataset, e.file) for e in manifest.shards]
+    return Setup(
+        kind,
+        dataset,
+        paths,
+        config.storage,
+        params,
+        tokenizer,
+        config.data.batch_size,
+        prepare_rows_,
+        manifest.rows,
+    )
+
+
+def prepared_chunks(setup: Setup, paths: list[str]) -> Iterator[dict[str, np.ndarray]]:
+    for uri in paths:
+        fs, path = storage.resolve(uri, setup.storage)
+        for table_batch in pq.ParquetFile(fs.open_input_file(path)).iter_batches(
+            batch_size=setup.prepare_rows
+        ):
+            columns = arrow_columns(table_batch, setup.params.num_patches)
+            yield prepare_rows(setup.kind, columns, setup.params, setup.tokenizer)[0]
+
+
+def rebatch(chunks: Iterator[dict[str, np.ndarray]], size: int) -> Iterator[dict[str, np.ndarray]]:
+    """Fixed-size batches from variable-size chunks (the last partial batch is dropped, as in training)."""
+    pending: list[dict[str, np.ndarray]] = []
+    have = 0
+    for chunk in chunks:
+        pending.append(chunk)
+        have += len(next(iter(chunk.values())))
+        while have >= size:
+            merged = {k: np.concatenate([c[k] for c in pending]) for k in pending[0]}
+            yield {k: v[:size] for k, v in merged.items()}
+            rest = {k: v[size:] for k, v in merged.items()}
+            have -= size
+            pending = [rest] if have else []
+
+
+def consume(setup: Setup, batches: Iterator[dict[str, np.ndarray]], epoch: int) -> int:
+    samples = 0
+    for i, rows in enumerate(batches):
+        batch = augment_batch(setup.kind, rows, setup.params, batch_rng(0, epoch, i))
+        samples += len(batch["attention_mask" if setup.kind == "text" else "pixel_values"])
+    return samples
+
+
+def bench_single(setup: Setup):
+    return lambda e: consume(setup, rebatch(prepared_chunks(setup, setup.paths), setup.batch_size), e)
+
+
+class ShardChunks(torch.utils.data.IterableDataset):
+    """Each DataLoader worker prepares its own share of the shards."""
+
+    def __init__(self, setup: Setup):
+        self.setup = setup
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        paths = self.setup.paths if info is None else self.setup.paths[info.id :: info.num_workers]
+        yield from prepared_chunks(self.setup, paths)
+
+
+def bench_dataloader(setup: Setup, workers: int):
+    loader = torch.utils.data.DataLoader(
+        ShardChunks(setup), batch_size=None, num_workers=workers, persistent_workers=True, prefetch_factor=4
+    )
+
+    def epoch(e: int) -> int:
+        chunks = (
+            {k: v.numpy() for k, v in chunk.items()} for chunk in loader
+        )  # tensors come via shared memory
+        return consume(setup, rebatch(chunks, setup.batch_size), e)
+
+    return epoch
+
+
+def bench_ray(setup: Setup, workers: int):
+    import ray
+
+    from pipeline.data.datasets import read_kind
+
+    ray.init(
+        num_cpus=workers,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"PYTHONPATH": os.environ.get("PYTHONPATH", "")}},
+    )
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    manifest = shard_format.read_manifest(setup.dataset, setup.storage)
+    ds = read_kind(setup.kind, setup.dataset, manifest.shards, setup.storage, shuffle_seed=0).map_batches(
+        PrepareBatch(setup.kind, setup.params, setup.tokenizer),
+        batch_format="pyarrow",
+        batch_size=setup.prepare_rows,
+        zero_copy_batch=True,
+    )
+    split = ds.streaming_split(1, equal=True)[0]  # what a Train worker gets from get_dataset_shard
+
+    def epoch(e: int) -> int:
+        batches = split.iter_batches(
+            batch_size=setup.batch_size, batch_format="numpy", drop_last=True, prefetch_batches=4
+        )
+        return consume(setup, iter(batches), e)
+
+    return epoch
+
+
+def run(
+    argv_overrides: list[str],
+    kind: str,
+    dataset: str,
+    rows: int,
+    image_size: int,
+    workers: int,
+    rounds: int,
+    prepare_rows_: int,
+    config_path: str | None = None,
+) -> dict[str, float]:
+    """Median samples/s per path over ``rounds`` epochs, the paths interleaved epoch by epoch so that a
+    change in machine load hits all of them alike (each path has one untimed warm-up epoch first)."""
+    import ray
+
+    config = load_config(config_path, argv_overrides)
+    setup = make_setup(config, kind, dataset, rows, image_size, prepare_rows_)
+    print(
+        f"{setup.kind}: {setup.rows} rows in {len(setup.paths)} shards at {setup.dataset}, "
+        f"{setup.params.image_size}px, batch {setup.batch_size}, {workers} worker CPU(s), {rounds} round(s)"
+    )
+    paths = {"single process (per-core bound)": bench_single(setup)}
+    # DataLoader workers fork before Ray starts its threads
+    paths[f"torch DataLoader ({workers} workers)"] = bench_dataloader(setup, workers)
+    paths[f"torch DataLoader ({workers} workers)"](0)
+    paths[f"Ray Data ({workers} CPUs)"] = bench_ray(setup, workers)
+    try:
+        for name, epoch in paths.items():
+            if not name.startswith("torch"):
+                epoch(0)
+        rates: dict[str, list[float]] = {name: [] for name in paths}
+        for r in range(rounds):
+            for name, epoch in paths.items():
+                start = time.perf_counter()
+                samples = epoch(r + 1)
+                rates[name].append(samples / (time.perf_counter() - start))
+    finally:
+        ray.shutdown()
+        if not dataset:  # the synthetic shards made for this run
+            shutil.rmtree(setup.dataset, ignore_errors=True)
+    return {name: float(np.median(values)) for name, values in rates.items()}
+
+
+def format_table(results: dict[str, float], workers: int) -> str:
+    names = list(results)
+    single, loader, ray_sps = (results[n] for n in names)
+    lines = [f"{'path':<36}{'samples/s':>12}{'vs 1 core':>11}{'per CPU / 1 core':>18}"]
+    for name in names:
+        cpus = 1 if name.startswith("single") else workers
+        sps = results[name]
+        lines.append(f"{name:<36}{sps:>12.1f}{sps / single:>10.2f}x{sps / cpus / single:>17.0%}")
+    lines.append(
+        f"Ray Data / DataLoader: {ray_sps / loader:.2f}x (target >= 1.00); "
+        f"Ray Data per CPU / per-core bound: {ray_sps / workers / single:.0%} (target >= 70%)"
+    )
+    return "\n".join(lines)

@@ -1,0 +1,309 @@
+"""Pure numpy transforms from shard rows to the model's batch dict (no ray, no torch).
+
+Two stages, so that the expensive work parallelises in Ray Data and the random work stays reproducible:
+
+- ``prepare_rows`` (deterministic, CPU-heavy; runs in Ray Data tasks): decode + normalise images,
+  tokenise captions, drop bad rows with a reason.
+- ``augment_batch`` (random, cheap; runs where the batch is consumed, with an explicit generator):
+  horizontal flip (switching the MIM targets to the flipped codes), BEiT block masking, MLM masking,
+  ITM negatives. Seeding it per (kind, epoch, batch) makes the stream reproducible and checkpointable.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections import Counter
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+from PIL import Image
+
+CLIP_MEAN = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
+CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
+PATCH_SIZE = 16
+IGNORE_INDEX = -100
+CODEBOOK_SIZE = 8192
+
+# uint8 -> normalised float32 per channel as a lookup table: one gather per value instead of three ops
+_NORM_LUT = (
+    (np.arange(256, dtype=np.float32)[None, :] / 255.0 - CLIP_MEAN[:, None]) / CLIP_STD[:, None]
+).astype(np.float32)
+
+IMAGE_KEYS = ("pixel_values", "bool_masked_pos", "mim_labels")
+TEXT_KEYS = ("input_ids", "input_ids_masked", "attention_mask", "mlm_labels")
+BATCH_KEYS = {
+    "image": IMAGE_KEYS,
+    "text": TEXT_KEYS,
+    "image_text": IMAGE_KEYS + TEXT_KEYS + ("itm_labels",),
+}
+
+
+class Tokenize(Protocol):
+    """What the transforms need from a tokenizer (see pipeline.data.tokenizer.WordPieceTokenizer)."""
+
+    def encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+@dataclass(frozen=True)
+class TransformParams:
+    """Everything the transforms need, picklable so that it travels to Ray tasks and Train workers."""
+
+    image_size: int
+    max_text_length: int
+    mlm_probability: float
+    mim_mask_ratio: float
+    itm_negative_fraction: float
+    flip_probability: float
+    mask_token_id: int
+    special_token_ids: tuple[int, ...]  # never masked, never drawn as random replacements
+    text_vocab_size: int
+    codebook_size: int = CODEBOOK_SIZE
+
+    @property
+    def code_grid(self) -> int:
+        return self.image_size // PATCH_SIZE
+
+    @property
+    def num_patches(self) -> int:
+        return self.code_grid**2
+
+
+# ---------------------------------------------------------------------------------------------- images
+
+
+def decode_images(images: list[bytes] | np.ndarray, image_size: int) -> tuple[np.ndarray, list[str | None]]:
+    """Decodes to uint8 (n, H, W, 3); rows that fail get a reason (and zeros) instead of raising.
+
+    A wrong size is a failure too: the stored codes belong to the canonical size, so resizing here
+    would silently misalign the MIM targets.
+    """
+    out = np.zeros((len(images), image_size, image_size, 3), dtype=np.uint8)
+    reasons: list[str | None] = [None] * len(images)
+    for i, data in enumerate(images):
+        try:
+            with Image.open(io.BytesIO(data)) as img:
+                if img.size != (image_size, image_size):
+                    reasons[i] = "image_size_mismatch"
+                    continue
+                out[i] = np.asarray(img.convert("RGB"))
+        except Exception:  # PIL raises many types for corrupt bytes; each one is a counted skip
+            reasons[i] = "undecodable_image"
+    return out, reasons
+
+
+def normalize(pixels: np.ndarray) -> np.ndarray:
+    """uint8 (n, H, W, 3) -> float32 (n, 3, H, W) normalised with the CLIP mean/std."""
+    out = np.empty((pixels.shape[0], 3, *pixels.shape[1:3]), dtype=np.float32)
+    for c in range(3):
+        np.take(_NORM_LUT[c], pixels[..., c], out=out[:, c])
+    return out
+
+
+def flip_images(
+    pixel_values: np.ndarray, codes: np.ndarray, codes_flipped: np.ndarray, probability: float, rng
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Horizontally flips a random subset; flipped rows take the codes computed on the flipped image.
+
+    Returns (pixel_values, mim codes, flipped mask). No crop or resize: the codes must stay aligned.
+    """
+    flipped = rng.random(len(pixel_values)) < probability
+    if not flipped.any():
+        return pixel_values, codes, flipped
+    out = np.empty_like(pixel_values)
+    for i, flip in enumerate(flipped):  # one copy pass, mirrored where flipped
+        out[i] = pixel_values[i, ..., ::-1] if flip else pixel_values[i]
+    return out, np.where(flipped[:, None], codes_flipped, codes), flipped
+
+
+def min_block_patches(num_patches: int) -> int:
+    """BEiT's 16-patch minimum block on 14x14, scaled to the grid."""
+    return max(1, round(16 * num_patches / 196))
+
+
+def sample_blocks(
+    grid: int,
+    mask_ratio: float,
+    rng,
+    min_block: int | None = None,
+    aspect: tuple[float, float] = (0.3, 1 / 0.3),
+) -> tuple[np.ndarray, list[tuple[int, int, int, int]]]:
+    """BEiT block-wise masking of one (grid, grid) patch grid: (flat bool mask, blocks as top/left/h/w).
+
+    Rectangles of area >= ``min_block`` (less only for the last block, when the remaining budget is
+    smaller) and height/width within ``aspect`` are added until round(ratio * N) patches are masked.
+    Unlike the reference, a rounded rectangle that breaks a constraint is rejected rather than kept,
+    so every block obeys the constraints exactly.
+    """
+    n = grid * grid
+    target = int(round(mask_ratio * n))
+    min_block = min_block_patches(n) if min_block is None else min_block
+    mask = np.zeros((grid, grid), dtype=bool)
+    blocks: list[tuple[int, int, int, int]] = []
+    log_lo, log_hi = math.log(aspect[0]), math.log(aspect[1])
+    count = failures = 0
+    while count < target and failures < 20:
+        budget = target - count
+        lo = min(min_block, budget)
+        area = rng.uniform(lo, max(budget, lo) + 1e-9)
+        ratio = math.exp(rng.uniform(log_lo, log_hi))
+        h = int(round(math.sqrt(area * ratio)))
+        w = int(round(math.sqrt(area / ratio)))
+        if 1 <= h <= grid and 1 <= w <= grid and h * w >= lo and aspect[0] <= h / w <= aspect[1]:
+            top = int(rng.integers(0, grid - h + 1))
+            left = int(rng.integers(0, grid - w + 1))
+            window = mask[top : top + h, left : left + w]
+            new = h * w - int(window.sum())
+            if 0 < new <= budget:
+                window[:] = True
+                blocks.append((top, left, h, w))
+                count += new
+                failures = 0
+                continue
+        failures += 1
+    return mask.reshape(-1), blocks
+
+
+def block_mask(grid: int, mask_ratio: float, rng) -> np.ndarray:
+    return sample_blocks(grid, mask_ratio, rng)[0]
+
+
+def block_masks(batch_size: int, grid: int, mask_ratio: float, rng) -> np.ndarray:
+    """Per-sample block masks, (batch, grid*grid) bool."""
+    if batch_size == 0:
+        return np.zeros((0, grid * grid), dtype=bool)
+    return np.stack([block_mask(grid, mask_ratio, rng) for _ in range(batch_size)])
+
+
+# ------------------------------------------------------------------------------------------------ text
+
+
+def mlm_mask(
+    input_ids: np.ndarray,
+    probability: float,
+    mask_token_id: int,
+    special_token_ids: tuple[int, ...],
+    vocab_size: int,
+    rng,
+) -> tuple[np.ndarray, np.ndarray]:
+    """BERT masking: ``probability`` of the non-special tokens; of those 80% [MASK], 10% random, 10% kept.
+
+    Returns (masked ids, labels) with labels = IGNORE_INDEX where not selected. Special and padding
+    tokens are never selected and never drawn as replacements.
+    """
+    specials = np.asarray(special_token_ids)
+    candidates = ~np.isin(input_ids, specials)
+    selected = candidates & (rng.random(input_ids.shape) < probability)
+    labels = np.where(selected, input_ids, IGNORE_INDEX).astype(np.int64)
+    action = rng.random(input_ids.shape)
+    masked = input_ids.astype(np.int64, copy=True)
+    masked[selected & (action < 0.8)] = mask_token_id
+    replace = selected & (action >= 0.8) & (action < 0.9)
+    pool = np.setdiff1d(np.arange(vocab_size), specials)
+    masked[replace] = pool[rng.integers(0, len(pool), size=int(replace.sum()))]
+    return masked, labels
+
+
+def itm_sources(input_ids: np.ndarray, fraction: float, rng) -> np.ndarray:
+    """For each pair, the index whose caption it gets: itself, or (for negatives) another sample.
+
+    round(fraction * B) random pairs become negatives; each takes the caption of a random other sample
+    whose token ids differ from its own, so a negative never carries its own caption (nor a verbatim
+    duplicate of it). Where no such sample exists (all captions equal) the pair stays positive.
+    """
+    b = len(input_ids)
+    sources = np.arange(b)
+    if b < 2 or fraction <= 0:
+        return sources
+    same = (input_ids[:, None, :] == input_ids[None, :, :]).all(-1)
+    for i in rng.choice(b, size=int(round(fraction * b)), replace=False):
+        others = np.flatnonzero(~same[i])
+        if len(others):
+            sources[i] = others[rng.integers(0, len(others))]
+    return sources
+
+
+# ------------------------------------------------------------------------------------- the two stages
+
+
+def prepare_rows(
+    kind: str, columns: dict[str, object], params: TransformParams, tokenizer: Tokenize | None
+) -> tuple[dict[str, np.ndarray], Counter]:
+    """Shard columns -> deterministic per-row arrays; bad rows dropped and counted by reason.
+
+    ``columns`` holds ``image`` (sequence of bytes), ``dvae_codes``/``dvae_codes_flipped`` (n, N) ints,
+    ``text`` (sequence of str), as the kind has them.
+    """
+    n = len(next(iter(columns.values())))
+    keep = np.ones(n, dtype=bool)
+    skipped: Counter = Counter()
+    out: dict[str, np.ndarray] = {}
+    if kind in ("image", "image_text"):
+        pixels, reasons = decode_images(columns["image"], params.image_size)
+        codes = np.asarray(columns["dvae_codes"])
+        codes_flipped = np.asarray(columns["dvae_codes_flipped"])
+        bad_codes = ((codes < 0) | (codes >= params.codebook_size)).any(1) | (
+            (codes_flipped < 0) | (codes_flipped >= params.codebook_size)
+        ).any(1)
+        for i, reason in enumerate(reasons):
+            reason = reason or ("codes_out_of_range" if bad_codes[i] else None)
+            if reason:
+                keep[i] = False
+                skipped[reason] += 1
+        out["pixel_values"] = pixels
+        out["dvae_codes"] = codes.astype(np.int16, copy=False)
+        out["dvae_codes_flipped"] = codes_flipped.astype(np.int16, copy=False)
+    if kind in ("text", "image_text"):
+        texts = [t if isinstance(t, str) else "" for t in columns["text"]]
+        ids, attention = tokenizer.encode(texts)
+        # [CLS] [SEP] only: nothing left to learn from (empty or whitespace/control-only caption)
+        empty = attention.sum(1) <= 2
+        for i in np.flatnonzero(empty & keep):
+            keep[i] = False
+            skipped["empty_text"] += 1
+        out["input_ids"] = ids.astype(np.int32, copy=False)
+        out["attention_mask"] = attention.astype(np.int8, copy=False)
+    out = {k: v[keep] for k, v in out.items()}
+    if "pixel_values" in out:  # normalise only the kept rows
+        out["pixel_values"] = normalize(out["pixel_values"])
+    return out, skipped
+
+
+def augment_batch(kind: str, rows: dict[str, np.ndarray], params: TransformParams, rng) -> dict:
+    """Prepared rows -> the model's batch dict (contract key names, dtypes and fixed shapes).
+
+    For an ITM negative (itm_labels 0) all text fields describe the borrowed caption, so the one
+    attention_mask fits both input_ids and input_ids_masked (as in transformers' FlavaForPreTraining);
+    contrastive and MMM losses use the positive rows only.
+    """
+    batch: dict = {"kind": kind}
+    if kind in ("image", "image_text"):
+        pixels, codes, _ = flip_images(
+            rows["pixel_values"], rows["dvae_codes"], rows["dvae_codes_flipped"], params.flip_probability, rng
+        )
+        batch["pixel_values"] = np.ascontiguousarray(pixels, dtype=np.float32)
+        batch["bool_masked_pos"] = block_masks(len(pixels), params.code_grid, params.mim_mask_ratio, rng)
+        batch["mim_labels"] = codes.astype(np.int64)
+    if kind in ("text", "image_text"):
+        ids = rows["input_ids"].astype(np.int64)
+        attention = rows["attention_mask"].astype(np.int64)
+        if kind == "image_text":
+            sources = itm_sources(ids, params.itm_negative_fraction, rng)
+            ids, attention = ids[sources], attention[sources]
+            batch["itm_labels"] = (sources == np.arange(len(sources))).astype(np.int64)
+        masked, labels = mlm_mask(
+            ids,
+            params.mlm_probability,
+            params.mask_token_id,
+            params.special_token_ids,
+            params.text_vocab_size,
+            rng,
+        )
+        batch.update(input_ids=ids, input_ids_masked=masked, attention_mask=attention, mlm_labels=labels)
+    return batch
+
+
+def batch_rng(seed: int, *stream: int) -> np.random.Generator:
+    """A generator for one batch, keyed by (seed, ...) so any batch can be regenerated independently."""
+    return np.random.default_rng([seed, *stream])

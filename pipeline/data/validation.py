@@ -1,0 +1,95 @@
+"""Held-out batches in a fixed order, identical on every rank and at every validation.
+
+Read straight from the val shards with pyarrow (verified against the manifest), not through Ray Data:
+validation needs a handful of batches, always the same ones, and no barrier between ranks. Masks and ITM
+negatives come from a fixed seed and there is no flip, so validation losses are comparable across steps.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+
+import numpy as np
+
+from pipeline.config import KINDS, Config
+from pipeline.data.tokenizer import WordPieceTokenizer, load_tokenizer
+from pipeline.data.transforms import TransformParams, augment_batch, batch_rng, prepare_rows
+from pipeline.shards import format as shard_format
+
+VAL_STREAM = 1 << 20  # keeps validation seeds apart from the train ranks' seeds
+
+
+def held_out_rows(
+    config: Config, kind: str, params: TransformParams, tokenizer: WordPieceTokenizer | None, wanted: int
+) -> tuple[dict[str, np.ndarray], Counter]:
+    """The first ``wanted`` usable rows of ``data.val[kind]`` (manifest order), prepared; skips counted."""
+    uri = config.data.val[kind]
+    parts: dict[str, list[np.ndarray]] = {}
+    skipped: Counter = Counter()
+    have = 0
+    for entry in shard_format.read_manifest(uri, config.storage).shards:
+        table = shard_format.read_shard(uri, entry, config.storage)
+        columns = {
+            name: np.stack(table.column(name).to_numpy(zero_copy_only=False))
+            if name.startswith("dvae_codes")
+            else table.column(name).to_pylist()
+            for name in table.column_names
+            if name != "key"
+        }
+        rows, bad = prepare_rows(kind, columns, params, tokenizer if kind != "image" else None)
+        skipped.update(bad)
+        for name, values in rows.items():
+            parts.setdefault(name, []).append(values)
+        have += len(next(iter(rows.values())))
+        if have >= wanted:
+            break
+    return {name: np.concatenate(values)[:wanted] for name, values in parts.items()}, skipped
+
+
+def _resolve(config: Config, params: TransformParams, tokenizer: WordPieceTokenizer | None):
+    if tokenizer is None and any(k != "image" for k in config.data.val):
+        tokenizer = load_tokenizer(config.data.tokenizer, config.data.max_text_length, config.storage)
+    return dataclasses.replace(params, flip_probability=0.0), tokenizer
+
+
+def held_out_batches(
+    config: Config,
+    params: TransformParams,
+    tokenizer: WordPieceTokenizer | None = None,
+    max_batches: int | None = None,
+) -> dict[str, list[dict]]:
+    """Up to ``max_batches`` (default ``train.val_batches``) full batches per kind of ``data.val``."""
+    params, tokenizer = _resolve(config, params, tokenizer)
+    size = config.data.batch_size
+    max_batches = config.train.val_batches if max_batches is None else max_batches
+    out = {}
+    for kind_index, kind in enumerate(k for k in KINDS if config.data.val.get(k)):
+        rows, _ = held_out_rows(config, kind, params, tokenizer, size * max_batches)
+        n = len(next(iter(rows.values())))
+        out[kind] = [
+            augment_batch(
+                kind,
+                {k: v[i : i + size] for k, v in rows.items()},
+                params,
+                batch_rng(config.data.seed, VAL_STREAM, kind_index, i // size),
+            )
+            for i in range(0, n - size + 1, size)
+        ]
+    return out
+
+
+def retrieval_pairs(
+    config: Config, params: TransformParams, tokenizer: WordPieceTokenizer | None = None, max_pairs: int = 256
+) -> dict[str, np.ndarray]:
+    """Matching held-out image-caption pairs (no negatives, no masks) for zero-shot retrieval:
+    ``pixel_values`` (n,3,H,W) float32, ``input_ids`` and ``attention_mask`` (n,L) int64; pair i matches i."""
+    if not config.data.val.get("image_text"):
+        raise ValueError("retrieval needs data.val.image_text (held-out image-caption pairs)")
+    params, tokenizer = _resolve(config, params, tokenizer)
+    rows, _ = held_out_rows(config, "image_text", params, tokenizer, max_pairs)
+    return {
+        "pixel_values": rows["pixel_values"],
+        "input_ids": rows["input_ids"].astype(np.int64),
+        "attention_mask": rows["attention_mask"].astype(np.int64),
+    }

@@ -1,0 +1,101 @@
+"""The mixed stream inside a real TorchTrainer of 2 workers (gloo, CPU) that only consumes batches."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.config import KINDS, StorageConfig, load_config
+from pipeline.data.synthetic import write_synthetic_dataset
+
+STEPS = 200
+BATCH = 8
+RATIOS = {"image_text": 0.5, "image": 0.25, "text": 0.25}
+# ~2.5 epochs of each kind in STEPS steps, so that every kind restarts at least twice
+ROWS = {"image_text": 720, "image": 360, "text": 360}
+
+
+def consume(loop_config: dict) -> None:
+    """Worker loop: draw STEPS batches, then compare the kind sequence across ranks and replay it."""
+    import torch.distributed as dist
+
+    from pipeline.data.stream import MixedStream, to_torch
+
+    spec, steps = loop_config["spec"], loop_config["steps"]
+    stream = MixedStream(spec)
+    kinds, sizes, epochs_at = [], [], []
+    state = None
+    for step in range(steps):
+        if step == steps // 2:
+            state = stream.state_dict()
+        batch = to_torch(next(stream))
+        kinds.append(KINDS.index(batch["kind"]))
+        sizes.append(len(batch["attention_mask" if batch["kind"] == "text" else "pixel_values"]))
+        epochs_at.append([stream.counters()[f"epoch/{k}"] for k in spec.kinds] if step % 10 == 0 else None)
+    gathered = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, {"kinds": kinds, "sizes": sizes, "epochs": epochs_at})
+    resumed = MixedStream(spec)  # a restarted worker: fresh stream, restored state, no batch drawn yet
+    resumed.load_state_dict(state)
+    replay = [KINDS.index(resumed.next_kind()) for _ in range(steps - steps // 2)]
+    if dist.get_rank() == 0:  # Train V2 keeps metrics only with checkpoints: hand the result over in a file
+        out = {"ranks": gathered, "replay": replay, "counters": stream.counters()}
+        Path(loop_config["out"]).write_text(json.dumps(out))
+
+
+@pytest.fixture(scope="module")
+def train_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stream")
+    for kind, rows in ROWS.items():
+        write_synthetic_dataset(str(root / kind), kind, rows, 6, 64, StorageConfig(), seed=3, bad_every=10)
+    return root
+
+
+def test_two_ranks_share_the_kind_sequence(ray_cluster, train_root, tokenizer, tmp_path):
+    import ray.cloudpickle
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from pipeline.data.datasets import build_train_data
+
+    config = load_config(
+        None,
+        [f"data.train.{k}={train_root / k}" for k in KINDS]
+        + [
+            f"data.batch_size={BATCH}",
+            "data.ratios={image_text: 0.5, image: 0.25, text: 0.25}",
+            "data.seed=11",
+        ],
+    )
+    data = build_train_data(config, tokenizer)
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the loop lives in this test module
+    trainer = TorchTrainer(
+        consume,
+        train_loop_config={"spec": data.spec, "steps": STEPS, "out": str(tmp_path / "result.json")},
+        scaling_config=ScalingConfig(num_workers=2, use_gpu=False),
+        torch_config=TorchConfig(backend="gloo"),
+        datasets=data.datasets,
+        dataset_config=data.data_config,
+        run_config=RunConfig(name="stream-test", storage_path=str(tmp_path)),
+    )
+    trainer.fit()
+    metrics = json.loads((tmp_path / "result.json").read_text())
+    rank0, rank1 = metrics["ranks"]
+    assert rank0["kinds"] == rank1["kinds"]  # same kind at every step on both ranks
+    assert rank0["epochs"] == rank1["epochs"]  # ... and the same epoch restarts at the same steps
+    assert set(rank0["sizes"]) == set(rank1["sizes"]) == {BATCH}
+    counts = np.bincount(rank0["kinds"], minlength=3)
+    for i, kind in enumerate(KINDS):
+        # binomial(STEPS, p): 4 sd is ~28 steps for p = 0.5; the sequence is seeded, so this is deterministic
+        assert abs(counts[i] - STEPS * RATIOS[kind]) <= 4 * math.sqrt(
+            STEPS * RATIOS[kind] * (1 - RATIOS[kind])
+        )
+    counters = metrics["counters"]
+    assert all(counters[f"epoch/{k}"] >= 2 for k in KINDS), counters  # every kind restarted (twice)
+    assert counters["samples/image_text"] == counts[0] * BATCH
+    assert counters["skipped_rows/image_text/undecodable_image"] >= ROWS["image_text"] // 10
+    assert metrics["replay"] == rank0["kinds"][STEPS // 2 :]  # restored sampler state continues the sequence
