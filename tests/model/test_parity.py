@@ -10,6 +10,7 @@ from transformers import FlavaForPreTraining
 
 from model import load_hf_checkpoint
 from model.checkpoint import to_hf_state
+from model.flava import KIND_KEYS
 
 RTOL = 1e-4
 
@@ -30,20 +31,7 @@ def pair(tmp_path_factory):
 
 def reference_call(hf: FlavaForPreTraining, batch: dict):
     """transformers decides its losses from which inputs are present: pass exactly those of the kind."""
-    keys = {
-        "image": ("pixel_values", "bool_masked_pos", "mim_labels"),
-        "text": ("input_ids_masked", "attention_mask", "mlm_labels"),
-        "image_text": (
-            "pixel_values",
-            "bool_masked_pos",
-            "mim_labels",
-            "input_ids",
-            "input_ids_masked",
-            "attention_mask",
-            "mlm_labels",
-            "itm_labels",
-        ),
-    }[batch["kind"]]
+    keys = KIND_KEYS[batch["kind"]]
     return hf(**{k: batch[k].clone() for k in keys}, return_dict=True)  # the reference edits labels in place
 
 
