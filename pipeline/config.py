@@ -154,7 +154,7 @@ class TuneConfig:
     reduction_factor: int = 2
     max_concurrent_trials: int = 0  # 0: derived from cluster resources
     workers_per_trial: int = 0  # 0: train.num_workers, reduced to what one trial can get
-    data_cpus_per_trial: float = 1.0  # CPUs left free for each trial's Ray Data tasks
+    data_cpus_per_trial: float = 1.0  # cap on each trial's Ray Data CPUs (kept beside its workers)
     max_failures: int = 1
     storage_path: str = "tune_runs"
     name: str = "mixing-sweep"

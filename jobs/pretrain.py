@@ -1,0 +1,71 @@
+"""Pretrain FLAVA on the ratio-mixed shard stream: ``python jobs/pretrain.py --config FILE [key=value ...]``.
+
+Runs on the cluster of ``RAY_ADDRESS`` (as under ``ray job submit``), else starts a local Ray.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipeline.config import dump_config, parse_cli  # noqa: E402
+
+
+def parse(argv: list[str] | None = None):
+    return parse_cli(argv, description=__doc__)
+
+
+def main(argv: list[str] | None = None) -> int:
+    config, args = parse(argv)
+    from pipeline.train.launch import InputError, resolve_paths, run_pretraining, validate_inputs
+
+    try:
+        validate_inputs(resolve_paths(config))  # fail fast, before starting Ray
+        if args.dry_run:
+            print(dump_config(resolve_paths(config)), end="")
+            print("pretrain: inputs valid (dry run, nothing started)")
+            return 0
+        import ray
+        import ray.data
+
+        if not ray.is_initialized():
+            if os.environ.get("RAY_ADDRESS"):  # e.g. under `ray job submit`: the cluster is given
+                ray.init()
+            else:  # a fresh local Ray whose workers import this checkout; CPUs for the workers + Ray Data
+                needed = config.train.num_workers * config.train.cpus_per_worker + 1
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", 0))
+                    dashboard_port = s.getsockname()[1]
+                # Ray Train's placement-group cleaner asks "the" local cluster whether the controller lives;
+                # with other Ray instances on the machine it may ask the wrong one and kill this run's
+                # workers. Its processes inherit this variable, which names this cluster's API server.
+                os.environ.setdefault("RAY_API_SERVER_ADDRESS", f"http://127.0.0.1:{dashboard_port}")
+                ray.init(
+                    address="local",
+                    num_cpus=max(os.cpu_count() or 1, needed),
+                    dashboard_port=dashboard_port,
+                    runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}},
+                )
+        ray.data.DataContext.get_current().enable_progress_bars = False  # the trainer prints progress
+        result = run_pretraining(config)
+    except InputError as e:
+        print(f"pretrain: bad input: {e}", file=sys.stderr)
+        return 2
+    print(
+        f"pretrain: done, {result.metrics.get('step', '?')} steps; MLflow run {result.mlflow_run_id} at "
+        f"{result.tracking_uri}"
+    )
+    print(f"pretrain: checkpoints under {result.run_dir}")
+    print(f"pretrain: exported model (transformers layout): {result.exported_model or 'not exported'}")
+    for key in sorted(k for k in result.metrics if k.startswith("val/")):
+        print(f"  {key} = {result.metrics[key]:.4f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""The training job: worker loop, optimizer and schedule, checkpoints, MLflow tracking, evaluation."""

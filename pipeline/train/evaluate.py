@@ -1,0 +1,105 @@
+"""Validation on held-out batches of each kind, and the one scalar that Ray Tune optimises.
+
+``val/objective`` (lower is better, Tune mode ``min``) is the mean of the terms whose held-out data exists:
+
+  mlm term        val/text/mlm / ln(text vocab)     1.0 = a uniform guess over the vocabulary, 0 = perfect
+  mim term        val/image/mim / ln(MIM vocab)     the same scale over the 8192 dVAE codes
+  retrieval term  1 - mean(R@1 image->text, R@1 text->image) over the held-out pairs
+
+Dividing a cross-entropy by ln(vocab) puts both masked-modelling losses on the same 0..1 scale as the
+retrieval miss rate, so no kind dominates by the size of its vocabulary.
+
+Retrieval counts a hit when the retrieved item carries the query's caption (identical token ids): the
+demo corpus, like real ones, repeats captions, and an image whose caption appears k times cannot be told
+apart from its k-1 twins. The chance level is reported alongside (``val/retrieval/chance_r1``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+RETRIEVAL_KS = (1, 5)
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {
+        k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
+    }
+
+
+def retrieval_metrics(
+    image_emb: torch.Tensor, text_emb: torch.Tensor, text_ids: torch.Tensor
+) -> dict[str, float]:
+    """R@k both ways for row-aligned pairs; rows with identical ``text_ids`` are interchangeable."""
+    n = image_emb.shape[0]
+    sim = image_emb.float() @ text_emb.float().T  # (images, texts)
+    same = (text_ids[:, None, :] == text_ids[None, :, :]).all(-1)  # same[i, j]: caption i == caption j
+    metrics = {"val/retrieval/pool": float(n), "val/retrieval/chance_r1": same.float().mean().item()}
+    for k in RETRIEVAL_KS:
+        kk = min(k, n)
+        top_texts = sim.topk(kk, dim=1).indices  # per image
+        top_images = sim.topk(kk, dim=0).indices.T  # per text
+        i2t = same.gather(1, top_texts).any(1).float().mean().item()
+        t2i = same.gather(1, top_images).any(1).float().mean().item()
+        metrics[f"val/retrieval/i2t_r{k}"] = i2t
+        metrics[f"val/retrieval/t2i_r{k}"] = t2i
+    return metrics
+
+
+def objective(metrics: dict[str, float], text_vocab_size: int, mim_vocab_size: int) -> float:
+    terms = []
+    if "val/text/mlm" in metrics:
+        terms.append(metrics["val/text/mlm"] / math.log(text_vocab_size))
+    if "val/image/mim" in metrics:
+        terms.append(metrics["val/image/mim"] / math.log(mim_vocab_size))
+    if "val/retrieval/i2t_r1" in metrics:
+        terms.append(1.0 - 0.5 * (metrics["val/retrieval/i2t_r1"] + metrics["val/retrieval/t2i_r1"]))
+    return sum(terms) / len(terms) if terms else float("nan")
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    val_batches: dict[str, Iterable[dict]],
+    device: torch.device,
+    autocast: Callable[[], object],
+    text_vocab_size: int,
+    mim_vocab_size: int,
+) -> dict[str, float]:
+    """Mean held-out losses per kind, retrieval on the image-text pairs, and ``val/objective``.
+
+    Collective under FSDP: every rank must pass the same batches (the held-out set is small and read
+    identically by all ranks), so all ranks run the same forwards and compute the same metrics.
+    """
+    was_training = model.training
+    model.eval()
+    metrics: dict[str, float] = {}
+    for kind, batches in val_batches.items():
+        sums: dict[str, float] = defaultdict(float)
+        rows = 0
+        images, texts, ids = [], [], []
+        for batch in batches:
+            batch = to_device(batch, device)
+            size = next(v for v in batch.values() if isinstance(v, torch.Tensor)).shape[0]
+            with autocast():
+                out = model(batch)
+                if kind == "image_text":  # ITM negatives carry another sample's caption: true pairs only
+                    keep = batch["itm_labels"] == 1 if "itm_labels" in batch else slice(None)
+                    images.append(model.encode_image(batch["pixel_values"])[keep])
+                    texts.append(model.encode_text(batch["input_ids"], batch["attention_mask"])[keep])
+                    ids.append(batch["input_ids"][keep])
+            for name, value in out.losses.items():
+                sums[name] += value.item() * size
+            sums["total"] += out.loss.item() * size
+            rows += size
+        metrics.update({f"val/{kind}/{name}": total / rows for name, total in sums.items() if rows})
+        if images:
+            metrics.update(retrieval_metrics(torch.cat(images), torch.cat(texts), torch.cat(ids)))
+    metrics["val/objective"] = objective(metrics, text_vocab_size, mim_vocab_size)
+    model.train(was_training)
+    return metrics

@@ -1,0 +1,238 @@
+"""The driver side of a pretraining job: pre-flight checks, the MLflow run, the ``TorchTrainer``.
+
+Everything that can be wrong with the inputs is found here, before a worker starts, and reported as an
+``InputError`` naming the input; workers then only see data that passed these checks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import ray
+import ray.train
+import torch
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from model import build_flava
+from model.checkpoint import spec_from_hf_config
+from pipeline import storage
+from pipeline.config import KINDS, Config, to_dict
+from pipeline.data.mixing import validate_ratios
+from pipeline.data.tokenizer import load_tokenizer
+from pipeline.shards.format import Manifest, ShardIntegrityError, verify_dataset
+from pipeline.train import checkpoint as ckpt
+from pipeline.train import tracking
+from pipeline.train.data_setup import build_train_datasets, fix_tokenizer
+from pipeline.train.loop import model_kwargs, train_loop_per_worker
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class InputError(ValueError):
+    """A bad input found before training starts (the message names it)."""
+
+
+def active_kinds(config: Config) -> list[str]:
+    return [k for k in KINDS if config.data.ratios.get(k, 0.0) > 0]
+
+
+def _model_geometry(config: Config, text_vocab_size: int):
+    """The spec of the model the workers will build (init checkpoint, else preset), without weights."""
+    if config.model.init_checkpoint:
+        try:
+            local = Path(storage.localize_dir(config.model.init_checkpoint, config.storage))
+            return spec_from_hf_config(json.loads((local / "config.json").read_text()))
+        except (FileNotFoundError, OSError, ValueError) as e:
+            raise InputError(f"model.init_checkpoint ({config.model.init_checkpoint}): {e}") from e
+    with torch.device("meta"):
+        return build_flava(config.model.preset, **model_kwargs(config, text_vocab_size)).spec
+
+
+def _check_dataset(split: str, kind: str, uri: str, config: Config, spec) -> Manifest:
+    where = f"data.{split}.{kind} ({uri})"
+    try:
+        manifest = verify_dataset(uri, config.storage, checksums=False)
+    except (ShardIntegrityError, FileNotFoundError, OSError, pa.ArrowException) as e:
+        raise InputError(f"{where}: {e}") from e
+    if manifest.kind != kind:
+        raise InputError(f"{where}: the manifest says kind {manifest.kind!r}, expected {kind!r}")
+    if kind != "text":
+        if manifest.image_size != spec.image_size:
+            raise InputError(
+                f"{where}: shards hold {manifest.image_size}px images but model preset "
+                f"{config.model.preset!r} expects {spec.image_size}px (prepare again, or set "
+                "model.overrides.image_size)"
+            )
+        if manifest.codebook and manifest.codebook.vocab_size != spec.mim_vocab_size:
+            raise InputError(
+                f"{where}: MIM codes from a {manifest.codebook.vocab_size}-code codebook, the model "
+                f"predicts {spec.mim_vocab_size}"
+            )
+    return manifest
+
+
+def validate_inputs(config: Config) -> dict[str, Manifest]:
+    """Pre-flight on the driver: ratios, every needed manifest (present, non-empty, consistent with the
+    model), the tokenizer. Returns the manifests by ``<split>/<kind>``; raises ``InputError``."""
+    try:
+        validate_ratios(config.data.ratios, [k for k, v in config.data.train.items() if v])
+    except ValueError as e:
+        raise InputError(str(e)) from e
+    train = config.train
+    for name in ("steps", "num_workers", "grad_accum", "checkpoint_every", "log_every"):
+        if getattr(train, name) <= 0:
+            raise InputError(f"train.{name} = {getattr(train, name)}: must be positive")
+    if config.data.batch_size <= 0:
+        raise InputError(f"data.batch_size = {config.data.batch_size}: must be positive")
+    text_vocab_size = config.data.vocab_size  # until one is trained; only image geometry is compared
+    if config.data.tokenizer:
+        try:
+            tokenizer = load_tokenizer(config.data.tokenizer, config.data.max_text_length, config.storage)
+        except (FileNotFoundError, OSError, ValueError) as e:
+            raise InputError(f"data.tokenizer ({config.data.tokenizer}): {e}") from e
+        text_vocab_size = tokenizer.vocab_size
+    elif not any(config.data.train.get(k) for k in ("text", "image_text")):
+        raise InputError("data.tokenizer is empty and no text or image_text train dataset can train one")
+    spec = _model_geometry(config, text_vocab_size)
+    if config.model.init_checkpoint and not config.data.tokenizer:
+        raise InputError("model.init_checkpoint needs data.tokenizer: the vocabulary it was trained with")
+    if config.model.init_checkpoint and spec.text_vocab_size != text_vocab_size:
+        raise InputError(
+            f"model.init_checkpoint has a {spec.text_vocab_size}-token text vocabulary, data.tokenizer "
+            f"{text_vocab_size} (use the checkpoint's tokenizer)"
+        )
+    manifests = {}
+    for kind in active_kinds(config):
+        manifests[f"train/{kind}"] = _check_dataset("train", kind, config.data.train[kind], config, spec)
+    for kind, uri in config.data.val.items():
+        if kind not in KINDS:
+            raise InputError(f"data.val.{kind}: unknown kind; kinds are {list(KINDS)}")
+        manifests[f"val/{kind}"] = _check_dataset("val", kind, uri, config, spec)
+    return manifests
+
+
+def check_cluster_cpus(config: Config) -> None:
+    """Train workers that take every CPU leave Ray Data no CPU to read with: that is a silent hang, so
+    it is an error here (needs ``ray.init`` done)."""
+    train = config.train
+    needed = train.num_workers * train.cpus_per_worker + 1
+    have = ray.cluster_resources().get("CPU", 0)
+    if have < needed:
+        raise InputError(
+            f"the Ray cluster has {have:g} CPUs; train.num_workers x train.cpus_per_worker = "
+            f"{train.num_workers} x {train.cpus_per_worker} plus 1 for Ray Data needs {needed}"
+        )
+
+
+def resolve_paths(config: Config) -> Config:
+    """Absolute local paths and the tracking URI, fixed on the driver: workers run in other directories."""
+
+    def absolute(uri: str) -> str:
+        return uri if not uri or storage.is_s3(uri) else str(Path(uri).expanduser().resolve())
+
+    data = dataclasses.replace(
+        config.data,
+        train={k: absolute(v) for k, v in config.data.train.items()},
+        val={k: absolute(v) for k, v in config.data.val.items()},
+        tokenizer=absolute(config.data.tokenizer),
+    )
+    train = dataclasses.replace(config.train, storage_path=absolute(config.train.storage_path))
+    mlflow = dataclasses.replace(config.mlflow, tracking_uri=tracking.resolve_tracking_uri(config.mlflow))
+    model = dataclasses.replace(config.model, init_checkpoint=absolute(config.model.init_checkpoint))
+    return dataclasses.replace(config, data=data, train=train, mlflow=mlflow, model=model)
+
+
+def run_dir(config: Config) -> str:
+    return storage.join(config.train.storage_path, config.train.run_name)
+
+
+def start_tracking(config: Config, manifests: dict[str, Manifest]) -> str:
+    """Finds or creates the MLflow run (continuing the latest checkpoint's) and logs what the driver knows."""
+    fs, path = storage.resolve(run_dir(config), config.storage)
+    found = ckpt.find_latest(fs, path)
+    prior = found.extra.get("mlflow_run_id", "") if found else ""
+    run_id = tracking.find_or_create_run(
+        config.mlflow.tracking_uri, config.mlflow, run_dir(config), config.train.run_name, prior
+    )
+    tracker = tracking.Tracker(config.mlflow.tracking_uri, run_id)
+    params = tracking.flatten(tracking.redact(to_dict(config)))
+    params.update(tracking.environment_params(ROOT))
+    params.update({f"data.identity.{name}": m.identity() for name, m in manifests.items()})
+    params.update({f"data.rows.{name}": str(m.rows) for name, m in manifests.items()})
+    tracker.log_params(params)
+    tracker.log_text(tracking.resolved_config_yaml(config), "config/resolved.yaml")
+    return run_id
+
+
+def build_trainer(config: Config, mlflow_run_id: str, callbacks: list | None = None) -> TorchTrainer:
+    """The ``TorchTrainer`` of one run, for a config that went through ``resolve_paths`` and
+    ``fix_tokenizer`` (a Tune trial passes its ``TuneReportCallback`` in ``callbacks``)."""
+    train = config.train
+    _, tokenizer = fix_tokenizer(config)
+    data = build_train_datasets(config, tokenizer)
+    storage_filesystem = storage.s3_filesystem(config.storage) if storage.is_s3(train.storage_path) else None
+    storage_path = train.storage_path[len("s3://") :] if storage_filesystem else train.storage_path
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "config": to_dict(config),
+            "stream_spec": data.spec,
+            "mlflow_run_id": mlflow_run_id,
+        },
+        torch_config=TorchConfig(
+            backend="nccl" if train.use_gpu else "gloo", timeout_s=train.collective_timeout_s
+        ),
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=train.num_workers,
+            use_gpu=train.use_gpu,
+            resources_per_worker={"CPU": train.cpus_per_worker},
+        ),
+        run_config=ray.train.RunConfig(
+            name=train.run_name,
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
+            failure_config=ray.train.FailureConfig(max_failures=train.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=train.keep_checkpoints),
+            callbacks=callbacks or [],
+        ),
+        datasets=data.datasets,
+        dataset_config=data.data_config,
+    )
+
+
+@dataclass
+class PretrainResult:
+    tracking_uri: str
+    mlflow_run_id: str
+    run_dir: str
+    exported_model: str
+    metrics: dict
+
+
+def run_pretraining(config: Config, callbacks: list | None = None) -> PretrainResult:
+    """Validates, opens the MLflow run, trains to ``train.steps`` (resuming the run name's latest complete
+    checkpoint), exports the model; the MLflow run ends FINISHED or FAILED with the job."""
+    config = resolve_paths(config)
+    manifests = validate_inputs(config)
+    check_cluster_cpus(config)
+    config, _ = fix_tokenizer(config)
+    run_id = start_tracking(config, manifests)
+    tracker = tracking.Tracker(config.mlflow.tracking_uri, run_id)
+    try:
+        result = build_trainer(config, run_id, callbacks).fit()
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    tracker.finish("FINISHED")
+    metrics = dict(result.metrics or {})
+    return PretrainResult(
+        tracking_uri=config.mlflow.tracking_uri,
+        mlflow_run_id=run_id,
+        run_dir=run_dir(config),
+        exported_model=metrics.get("export_uri", ""),
+        metrics=metrics,
+    )

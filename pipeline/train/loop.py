@@ -1,0 +1,395 @@
+"""The training loop that runs inside every Ray Train worker (and inside every Ray Tune trial).
+
+Per step all ranks draw the same batch kind from the mixed stream, run ``grad_accum`` micro-batches of
+it through the FSDP2-sharded model, clip, step AdamW and the schedule. Rank 0 logs to MLflow and prints
+progress; every ``val_every`` steps all ranks validate and report the metrics (``val/objective`` for
+Tune); every ``checkpoint_every`` steps all ranks write their part of a sharded checkpoint and hand it to
+``ray.train.report``. A (re)started worker group resumes from the newest complete checkpoint of the run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import shutil
+import tempfile
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from ray.train import Checkpoint
+from torch.distributed._composable import checkpoint as activation_checkpoint
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp import register_fsdp_forward_method
+
+from model import FlavaForPretraining, build_flava, load_hf_checkpoint, save_hf_checkpoint
+from model.sharding import shard_model
+from pipeline import storage
+from pipeline.config import KINDS, Config, from_dict
+from pipeline.data.tokenizer import load_tokenizer
+from pipeline.train import checkpoint as ckpt
+from pipeline.train.data_setup import WorkerData
+from pipeline.train.evaluate import evaluate
+from pipeline.train.optim import build_optimizer, build_scheduler
+from pipeline.train.tracking import Tracker
+
+log = logging.getLogger(__name__)
+
+# which losses a batch of each kind must run (those with a positive weight)
+LOSSES_BY_KIND = {
+    "image": ("mim",),
+    "text": ("mlm",),
+    "image_text": ("global_contrastive", "itm", "mmm_image", "mmm_text"),
+}
+
+
+def expected_losses(kind: str, loss_weights: dict[str, float]) -> set[str]:
+    return {name for name in LOSSES_BY_KIND[kind] if loss_weights[name] > 0}
+
+
+@dataclass
+class Progress:
+    """Everything besides tensors and the stream that a resumed run needs (checkpoint extra state)."""
+
+    step: int = 0
+    samples: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))  # global, per kind
+    steps_by_kind: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))
+    loss_runs: dict[str, dict[str, int]] = field(default_factory=lambda: {k: {} for k in KINDS})
+    time_step_s: float = 0.0  # summed over the steps trained: the run's data-wait fraction
+    time_data_s: float = 0.0
+
+
+def model_kwargs(config: Config, text_vocab_size: int) -> dict:
+    """Builder kwargs: the preset, the run's vocabulary and text length, then explicit overrides."""
+    kwargs = {
+        "text_vocab_size": text_vocab_size,
+        "max_position_embeddings": max(128, config.data.max_text_length),
+        **config.model.overrides,
+    }
+    if config.model.loss_weights:
+        kwargs["loss_weights"] = dict(config.model.loss_weights)
+    return kwargs
+
+
+def build_sharded(config: Config, text_vocab_size: int, device: torch.device):
+    """(model, AdamW, schedule), identically initialised on every rank; FSDP2-sharded over 2+ ranks
+    (collective)."""
+    torch.manual_seed(config.train.seed)  # identical initial weights on every rank before sharding
+    if config.model.init_checkpoint:
+        model = load_hf_checkpoint(storage.localize_dir(config.model.init_checkpoint, config.storage))
+    else:
+        model = build_flava(config.model.preset, **model_kwargs(config, text_vocab_size))
+    model = model.to(device)
+    if dist.is_initialized() and dist.get_world_size() > 1:  # one rank has nothing to shard: skip the hooks
+        shard_model(model, activation_checkpointing=config.model.activation_checkpointing)
+        for method in ("encode_image", "encode_text"):  # FSDP2 unshards the root only around forward()
+            register_fsdp_forward_method(model, method)
+    elif config.model.activation_checkpointing:
+        for layer in model.transformer_layers():
+            activation_checkpoint(layer)
+    optimizer = build_optimizer(model, config.train)
+    return model, optimizer, build_scheduler(optimizer, config.train)
+
+
+def _memory_mb(device: torch.device) -> dict[str, float]:
+    if device.type == "cuda":
+        return {"sys/gpu_max_allocated_mb": torch.cuda.max_memory_allocated(device) / 2**20}
+    with open("/proc/self/statm") as f:
+        rss_pages = int(f.read().split()[1])
+    return {"sys/rss_mb": rss_pages * 4096 / 2**20}
+
+
+def _fmt_eta(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    return f"{minutes}m{secs:02d}s"
+
+
+def _mean_across_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """One all-reduce for a dict of scalars (every rank has the same keys: same kind, same losses)."""
+    names = sorted(values)
+    packed = torch.tensor([values[n] for n in names], dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(packed)
+        packed /= dist.get_world_size()
+    return dict(zip(names, packed.tolist(), strict=True))
+
+
+def _progress_line(step: int, steps: int, kind: str, metrics: dict, eta_s: float) -> str:
+    prefix = f"train/{kind}/"
+    losses = " ".join(
+        f"{name[len(prefix) :]} {value:.3f}"
+        for name, value in sorted(metrics.items())
+        if name.startswith(prefix) and name != f"{prefix}total"
+    )
+    wait = metrics["perf/data_wait_s"] / metrics["perf/step_time_s"]
+    return (
+        f"[train] step {step}/{steps} {kind:<10} loss {metrics[prefix + 'total']:.3f} ({losses}) "
+        f"lr {metrics['train/lr']:.2e} | {metrics['perf/samples_per_s']:.1f} samples/s "
+        f"| data wait {wait:.0%} | ETA {_fmt_eta(eta_s)}"
+    )
+
+
+def _broadcast(obj):
+    if not dist.is_initialized():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def optimizer_step(
+    model, optimizer, scheduler, batches, accum: int, grad_clip: float, autocast, expected: set[str]
+) -> tuple[Counter, float, float, float]:
+    """One optimizer step over ``accum`` micro-batches drawn from the iterator ``batches``.
+
+    Returns (losses averaged over the micro-batches, incl. ``total``; grad norm before clipping; the lr
+    used; seconds spent waiting for batches). Raises if a batch ran other losses than ``expected``.
+    """
+    losses: Counter = Counter()
+    wait = 0.0
+    for micro in range(accum):
+        t_wait = time.perf_counter()
+        batch = next(batches)
+        wait += time.perf_counter() - t_wait
+        if hasattr(model, "set_requires_gradient_sync"):  # FSDP2: reduce-scatter once, on the last one
+            model.set_requires_gradient_sync(micro == accum - 1)
+        with autocast():
+            out = model(batch)
+        if set(out.losses) != expected:
+            raise RuntimeError(
+                f"a {batch['kind']!r} batch ran losses {sorted(out.losses)}, expected {sorted(expected)}"
+            )
+        (out.loss / accum).backward()
+        losses.update({name: v.item() / accum for name, v in out.losses.items()})
+        losses["total"] += out.loss.item() / accum
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # DTensor
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    model.clamp_logit_scale_()
+    lr = scheduler.get_last_lr()[0]
+    scheduler.step()
+    return losses, float(grad_norm), lr, wait
+
+
+class Trainer:
+    """One worker's training state; ``run()`` trains to the target step."""
+
+    def __init__(self, config: Config, spec, mlflow_run_id: str, device: torch.device):
+        self.config, self.train, self.device = config, config.train, device
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
+        self.mlflow_run_id = mlflow_run_id
+        bf16 = device.type == "cuda" and self.train.bf16
+        self.autocast = (
+            (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
+        )
+
+        self.data = WorkerData(config, spec, device)
+        self.model, self.optimizer, self.scheduler = build_sharded(config, self.data.text_vocab_size, device)
+        self.spec = self.model.spec
+        self.progress = Progress()
+        self.expected = {kind: expected_losses(kind, self.spec.loss_weights) for kind in KINDS}
+        self.global_batch = config.data.batch_size * self.train.grad_accum * self.world
+        self.run_fs, self.run_dir = storage.resolve(
+            storage.join(self.train.storage_path, self.train.run_name), config.storage
+        )
+        self.tracker = Tracker(config.mlflow.tracking_uri, mlflow_run_id) if self.rank == 0 else None
+
+    def log(self, message: str) -> None:
+        if self.rank == 0:
+            log.info(message)
+
+    def resume(self) -> None:
+        """Rank 0 picks the newest complete checkpoint (Ray's ``get_checkpoint()`` names only the one its
+        snapshot knows, which may be newer than the last complete one); every rank then loads it."""
+        found = _broadcast(ckpt.find_latest(self.run_fs, self.run_dir) if self.rank == 0 else None)
+        if found is None:
+            latest = ray.train.get_checkpoint()
+            if latest is not None:  # e.g. the only checkpoint's upload was cut: start over, say so
+                log.warning("checkpoint %s is incomplete: starting from step 0", latest.path)
+            return
+        with Checkpoint(path=found.path, filesystem=self.run_fs).as_directory() as local:
+            extra = ckpt.load(local, self.model, self.optimizer)
+        self.scheduler.load_state_dict(extra["scheduler"])
+        self.data.stream.load_state_dict(extra["stream"])
+        self.progress = Progress(**extra["progress"])
+        self.log(f"[train] resumed from {found.path} at step {self.progress.step}")
+
+    def step(self) -> dict[str, float]:
+        t0 = time.perf_counter()
+        kind = self.data.next_kind()
+        accum = self.train.grad_accum
+        batches = (self.data.next_batch(kind) for _ in range(accum))
+        losses, grad_norm, lr, wait = optimizer_step(
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            batches,
+            accum,
+            self.train.grad_clip,
+            self.autocast,
+            self.expected[kind],
+        )
+        p = self.progress
+        p.step += 1
+        p.steps_by_kind[kind] += 1
+        p.samples[kind] += self.global_batch
+        for name in self.expected[kind]:
+            p.loss_runs[kind][name] = p.loss_runs[kind].get(name, 0) + accum
+        step_time = time.perf_counter() - t0
+        p.time_step_s += step_time
+        p.time_data_s += wait
+        metrics = {f"train/{kind}/{n}": v for n, v in _mean_across_ranks(dict(losses), self.device).items()}
+        metrics.update(
+            {
+                "train/lr": lr,
+                "train/grad_norm": grad_norm,
+                "perf/step_time_s": step_time,
+                "perf/data_wait_s": wait,
+                "perf/samples_per_s": self.global_batch / step_time,
+                **{f"samples/{k}": float(v) for k, v in p.samples.items()},
+                **{f"steps/{k}": float(v) for k, v in p.steps_by_kind.items()},
+                **_memory_mb(self.device),
+            }
+        )
+        metrics["_kind"] = kind  # for the progress line only
+        return metrics
+
+    def validate(self) -> dict[str, float]:
+        metrics = evaluate(
+            self.model,
+            self.data.val_batches(),
+            self.device,
+            self.autocast,
+            self.spec.text_vocab_size,
+            self.spec.mim_vocab_size,
+        )
+        if self.tracker is not None:
+            self.tracker.add(self.progress.step, metrics)
+            self.tracker.flush()
+            shown = {k: v for k, v in metrics.items() if k.endswith(("objective", "_r1", "/total"))}
+            self.log(
+                f"[val] step {self.progress.step} "
+                + " ".join(f"{k} {v:.4f}" for k, v in sorted(shown.items()))
+            )
+        return metrics
+
+    def summary(self) -> dict[str, float]:
+        """Run-level numbers every report carries (Ray keeps the last one as the result's metrics)."""
+        p = self.progress
+        out = {
+            "step": p.step,
+            "perf/data_wait_fraction": p.time_data_s / p.time_step_s if p.time_step_s else 0.0,
+        }
+        out.update({f"samples/{k}": v for k, v in p.samples.items()})
+        out.update({f"loss_runs/{k}/{n}": c for k, runs in p.loss_runs.items() for n, c in runs.items()})
+        return out
+
+    def checkpoint_and_report(self, metrics: dict) -> None:
+        """Every rank stages its part locally; Ray uploads each into the same checkpoint directory."""
+        extra = {
+            "scheduler": self.scheduler.state_dict(),
+            "stream": self.data.stream.state_dict(),
+            "progress": asdict(self.progress),
+            "mlflow_run_id": self.mlflow_run_id,
+        }
+        staging = Path(tempfile.mkdtemp(prefix="flava-ckpt-"))
+        try:
+            ckpt.save(staging, self.model, self.optimizer, extra)
+            ray.train.report(
+                metrics,
+                checkpoint=Checkpoint.from_directory(str(staging)),
+                checkpoint_dir_name=ckpt.dir_name(self.progress.step),
+            )
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def export(self) -> str:
+        """Collective gather of the full weights; rank 0 writes the transformers layout (plus the run's
+        tokenizer) to ``<run>/hf_model`` and to the MLflow artifact ``model``. Returns the URI (rank 0)."""
+        full = get_model_state_dict(
+            self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+        if self.rank != 0:
+            return ""
+        plain = FlavaForPretraining(self.spec)  # the trained architecture, also for an init checkpoint
+        plain.load_state_dict(full)
+        local = Path(tempfile.mkdtemp(prefix="flava-export-"))
+        try:
+            save_hf_checkpoint(plain, local)
+            data = self.config.data
+            load_tokenizer(data.tokenizer, data.max_text_length, self.config.storage).save(
+                str(local), self.config.storage
+            )
+            target = f"{self.run_dir}/hf_model"
+            self.run_fs.create_dir(target, recursive=True)
+            pafs.copy_files(
+                str(local),
+                target,
+                source_filesystem=pafs.LocalFileSystem(),
+                destination_filesystem=self.run_fs,
+            )
+            self.tracker.log_dir(str(local), "model")
+        finally:
+            shutil.rmtree(local, ignore_errors=True)
+        uri = target if isinstance(self.run_fs, pafs.LocalFileSystem) else f"s3://{target}"
+        self.tracker.client.set_tag(self.tracker.run_id, "flava.exported_model", uri)
+        self.log(f"[train] exported the model (transformers layout) to {uri}")
+        return uri
+
+    def run(self) -> None:
+        train, p = self.train, self.progress
+        stop = min(train.steps, train.stop_at_step) if train.stop_at_step > 0 else train.steps
+        if p.step == 0 and train.val_every > 0:  # the untrained model: the baseline of every curve
+            ray.train.report({**self.validate(), **self.summary()})
+        started, first_step = time.perf_counter(), p.step
+        while p.step < stop:
+            metrics = self.step()
+            kind = metrics.pop("_kind")
+            if self.tracker is not None:
+                self.tracker.add(p.step, metrics)
+                if p.step % train.log_every == 0 or p.step == stop:
+                    self.tracker.flush()
+                    eta = (time.perf_counter() - started) / (p.step - first_step) * (stop - p.step)
+                    self.log(_progress_line(p.step, train.steps, kind, metrics, eta))
+            if p.step == stop:
+                break
+            report = self.validate() if train.val_every > 0 and p.step % train.val_every == 0 else {}
+            if p.step % train.checkpoint_every == 0:
+                self.checkpoint_and_report({**report, **self.summary()})
+            elif report:
+                ray.train.report({**report, **self.summary()})
+
+        final = self.validate() if train.val_every > 0 else {}
+        trained_now = p.step > first_step
+        if p.step == train.steps and train.export_model:
+            final["export_uri"] = self.export()
+        final.update(self.summary())
+        if trained_now:
+            self.checkpoint_and_report(final)
+        else:  # a rerun of a finished run: its final checkpoint is already there
+            ray.train.report(final)
+        if self.tracker is not None:
+            self.tracker.flush()
+
+
+def train_loop_per_worker(loop_config: dict) -> None:
+    """Entry point of ``TorchTrainer``: ``loop_config`` = {"config": <config dict>, "stream_spec":
+    pipeline.data StreamSpec, "mlflow_run_id": str}, all fixed by the driver (``launch.build_trainer``)."""
+    config = from_dict(loop_config["config"])
+    # Ray logs every report with all its metrics at INFO: the progress lines already say it, once
+    logging.getLogger("ray.train.v2._internal.execution.context").setLevel(logging.WARNING)
+    log.setLevel(logging.INFO)
+    device = ray.train.torch.get_device()
+    if device.type == "cpu":  # as many intra-op threads as CPUs reserved for the worker, no more
+        torch.set_num_threads(max(1, config.train.cpus_per_worker))
+    trainer = Trainer(config, loop_config["stream_spec"], loop_config["mlflow_run_id"], device)
+    trainer.resume()
+    trainer.run()

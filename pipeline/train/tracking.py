@@ -1,0 +1,175 @@
+"""MLflow bookkeeping: one run per training job, continued across restarts and reruns of the same name.
+
+The driver resolves the tracking URI (workers run in other directories), finds or creates the run and
+logs what it knows before any worker starts: parameters, versions, git commit, dataset identities and the
+redacted resolved config. Rank 0 then logs metrics in batches and the exported model; the driver closes
+the run with the job's final status.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+from pipeline.config import Config, MLflowConfig, to_dict
+
+log = logging.getLogger(__name__)
+
+RUN_KEY_TAG = "flava.run_key"  # <storage_path>/<run_name>: what "the same run" means
+REDACTED = "***redacted***"
+_SECRET_KEY = re.compile(
+    r"secret|password|passwd|credential|api_key|access_key|private_key|(^|_)token$", re.I
+)
+_URI_USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/@\s]+@", re.I)
+_MAX_PARAM_LEN = 6000  # MLflow's limit on a param value (3.x)
+_BATCH = {"metrics": 1000, "params": 100}  # MLflow's per-call limits of log_batch
+
+
+def resolve_tracking_uri(cfg: MLflowConfig) -> str:
+    """Config, else MLFLOW_TRACKING_URI, else a sqlite file in the driver's working directory."""
+    uri = cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
+    return uri or f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
+
+
+def redact(tree: Any, key: str = "") -> Any:
+    """The config with secrets masked: secret-looking keys, and user:password@ inside URIs."""
+    if isinstance(tree, dict):
+        return {k: redact(v, str(k)) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [redact(v, key) for v in tree]
+    if _SECRET_KEY.search(key) and tree not in ("", None):
+        return REDACTED
+    if isinstance(tree, str):
+        return _URI_USERINFO.sub(rf"\g<scheme>{REDACTED}@", tree)
+    return tree
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
+    flat: dict[str, str] = {}
+    for k, v in tree.items():
+        name = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            flat.update(flatten(v, f"{name}."))
+        else:
+            flat[name] = str(v)[:_MAX_PARAM_LEN]
+    return flat
+
+
+def git_commit(root: Path) -> str:
+    """HEAD (with ``-dirty`` for local changes), or ``unknown`` outside a git checkout (e.g. a Ray job)."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return f"{head}-dirty" if dirty else head
+
+
+def environment_params(root: Path) -> dict[str, str]:
+    params = {f"version.{pkg}": importlib.metadata.version(pkg) for pkg in ("torch", "ray", "transformers")}
+    params["git.commit"] = git_commit(root)
+    return params
+
+
+def resolved_config_yaml(config: Config) -> str:
+    return yaml.safe_dump(redact(to_dict(config)), sort_keys=False)
+
+
+def _experiment_id(client: MlflowClient, uri: str, name: str) -> str:
+    experiment = client.get_experiment_by_name(name)
+    if experiment is not None:
+        return experiment.experiment_id
+    artifact_location = None
+    if uri.startswith("sqlite:///"):  # keep artifacts beside the database, not in whoever's cwd
+        artifact_location = (Path(uri[len("sqlite:///") :]).parent / "mlartifacts" / name).as_uri()
+    return client.create_experiment(name, artifact_location=artifact_location)
+
+
+def find_or_create_run(
+    uri: str, cfg: MLflowConfig, run_key: str, run_name: str, prior_run_id: str = ""
+) -> str:
+    """The run to log into: the checkpoint's (``prior_run_id``) if the store knows it, else the latest
+    run tagged with this run key (a job that died before its first checkpoint), else a new one."""
+    client = MlflowClient(uri)
+    if prior_run_id:
+        try:
+            client.get_run(prior_run_id)
+            client.update_run(prior_run_id, status="RUNNING")
+            return prior_run_id
+        except Exception as e:  # the store was replaced: start afresh, but say so
+            log.warning(
+                "MLflow run %s from the checkpoint is not in %s (%s); starting a new run",
+                prior_run_id,
+                uri,
+                e,
+            )
+    experiment_id = _experiment_id(client, uri, cfg.experiment)
+    escaped = run_key.replace("'", "\\'")
+    found = client.search_runs(
+        [experiment_id], f"tags.`{RUN_KEY_TAG}` = '{escaped}'", order_by=["start_time DESC"], max_results=1
+    )
+    if found:
+        run_id = found[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+        return run_id
+    tags = {RUN_KEY_TAG: run_key, **cfg.run_tags}
+    if cfg.parent_run_id:
+        tags["mlflow.parentRunId"] = cfg.parent_run_id
+    return client.create_run(experiment_id, tags=tags, run_name=run_name).info.run_id
+
+
+class Tracker:
+    """Logs to one existing run; metrics are buffered and sent with one ``log_batch`` per flush."""
+
+    def __init__(self, tracking_uri: str, run_id: str):
+        self.client = MlflowClient(tracking_uri)
+        self.run_id = run_id
+        self._pending: list[Metric] = []
+
+    def log_params(self, params: dict[str, str]) -> None:
+        """New keys are logged; a key whose value changed since the run began (a rerun with other
+        overrides) cannot be re-logged in MLflow, so it becomes a ``changed_on_resume.<key>`` tag."""
+        existing = self.client.get_run(self.run_id).data.params
+        new = [Param(k, v) for k, v in params.items() if k not in existing]
+        changed = [RunTag(f"changed_on_resume.{k}", v) for k, v in params.items() if existing.get(k, v) != v]
+        for i in range(0, len(new), _BATCH["params"]):
+            self.client.log_batch(self.run_id, params=new[i : i + _BATCH["params"]])
+        if changed:
+            self.client.log_batch(self.run_id, tags=changed)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self.client.log_text(self.run_id, text, artifact_file)
+
+    def log_dir(self, local_dir: str, artifact_path: str) -> None:
+        self.client.log_artifacts(self.run_id, local_dir, artifact_path)
+
+    def add(self, step: int, metrics: dict[str, float]) -> None:
+        now = int(time.time() * 1000)
+        self._pending.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
+
+    def flush(self) -> None:
+        for i in range(0, len(self._pending), _BATCH["metrics"]):
+            self.client.log_batch(self.run_id, metrics=self._pending[i : i + _BATCH["metrics"]])
+        self._pending = []
+
+    def finish(self, status: str) -> None:
+        self.flush()
+        self.client.set_terminated(self.run_id, status=status)

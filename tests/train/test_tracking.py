@@ -1,0 +1,82 @@
+"""MLflow bookkeeping against a real sqlite store: one run per run key, batching, redaction."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from pipeline.config import Config, MLflowConfig
+from pipeline.train import tracking
+
+
+def test_redact_masks_secret_keys_and_uri_credentials():
+    tree = {
+        "storage": {"aws_secret_access_key": "abc", "s3_endpoint_url": "http://u:p@minio:9000"},
+        "data": {"tokenizer": "/tok", "auth_token": "xyz", "empty_token": ""},
+        "mlflow": {"tracking_uri": "https://bob:hunter2@mlflow.example/"},
+    }
+    red = tracking.redact(tree)
+    text = yaml.safe_dump(red)
+    for secret in ("abc", "xyz", "hunter2", "u:p"):
+        assert secret not in text
+    assert red["data"]["tokenizer"] == "/tok" and red["data"]["empty_token"] == ""
+    assert red["mlflow"]["tracking_uri"] == f"https://{tracking.REDACTED}@mlflow.example/"
+
+
+def test_flatten_and_resolved_config():
+    flat = tracking.flatten({"a": {"b": 1, "c": {"d": [1, 2]}}, "e": {}})
+    assert flat == {"a.b": "1", "a.c.d": "[1, 2]", "e": "{}"}
+    assert yaml.safe_load(tracking.resolved_config_yaml(Config()))["train"]["run_name"] == "flava-demo"
+
+
+def test_default_tracking_uri_is_absolute_sqlite(monkeypatch, tmp_path):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert tracking.resolve_tracking_uri(MLflowConfig()) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
+    assert tracking.resolve_tracking_uri(MLflowConfig()) == "http://mlflow:5000"
+    assert tracking.resolve_tracking_uri(MLflowConfig(tracking_uri="file:///x")) == "file:///x"
+
+
+@pytest.fixture(scope="module")
+def uri(tmp_path_factory):
+    """One store for the module: creating an MLflow sqlite schema takes seconds."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow')}/mlflow.db"
+
+
+def test_one_run_per_run_key_and_batched_metrics(uri):
+    cfg = MLflowConfig(experiment="t", parent_run_id="", run_tags={"team": "a"})
+    first = tracking.find_or_create_run(uri, cfg, "/runs/a", "a")
+    assert tracking.find_or_create_run(uri, cfg, "/runs/a", "a") == first  # died before a checkpoint
+    assert tracking.find_or_create_run(uri, cfg, "/runs/a", "a", prior_run_id=first) == first
+    other = tracking.find_or_create_run(uri, cfg, "/runs/b", "b")
+    assert other != first
+    assert tracking.find_or_create_run(uri, cfg, "/runs/a", "a", prior_run_id="0" * 32) == first
+
+    tracker = tracking.Tracker(uri, first)
+    tracker.log_params({"train.steps": "10", "train.lr": "0.1"})
+    tracker.log_params({"train.steps": "20", "model.preset": "tiny"})  # a rerun extending the run
+    for step in range(1, 4):
+        tracker.add(step, {"train/loss": 1.0 / step, "perf/step_time_s": 0.5})
+    tracker.flush()
+    tracker.log_text("a: 1\n", "config/resolved.yaml")
+    tracker.finish("FINISHED")
+
+    run = MlflowClient(uri).get_run(first)
+    assert run.info.status == "FINISHED"
+    assert run.data.params == {"train.steps": "10", "train.lr": "0.1", "model.preset": "tiny"}
+    assert run.data.tags["changed_on_resume.train.steps"] == "20"
+    assert run.data.tags["team"] == "a" and run.data.tags[tracking.RUN_KEY_TAG] == "/runs/a"
+    history = MlflowClient(uri).get_metric_history(first, "train/loss")
+    assert [(m.step, m.value) for m in history] == [(1, 1.0), (2, 0.5), (3, 1 / 3)]
+    assert [f.path for f in MlflowClient(uri).list_artifacts(first, "config")] == ["config/resolved.yaml"]
+
+
+def test_child_run_of_a_sweep(uri):
+    parent = tracking.find_or_create_run(uri, MLflowConfig(experiment="t"), "/sweep", "sweep")
+
+    child = tracking.find_or_create_run(
+        uri, MLflowConfig(experiment="t", parent_run_id=parent), "/sweep/t0", "t0"
+    )
+    assert MlflowClient(uri).get_run(child).data.tags["mlflow.parentRunId"] == parent
