@@ -134,14 +134,12 @@ def transform_params(config: Config, tokenizer: WordPieceTokenizer, image_size: 
 
 def image_size_of(manifests: dict[str, Manifest]) -> int:
     """The one canonical image size of the image datasets (their codes are only valid at that size)."""
-    sizes = {kind: m.image_size for kind, m in manifests.items() if kind != "text"}
+    sizes = {kind: m.image_size for kind, m in manifests.items() if m.kind != "text"}
     if len(set(sizes.values())) > 1:
         raise ValueError(f"image datasets disagree on image_size: {sizes}; prepare them at one size")
     for kind, m in manifests.items():
-        if kind != "text" and (m.codebook is None or m.codebook.code_grid * 16 != m.image_size):
-            raise ValueError(
-                f"data.train.{kind}: manifest codes do not match image_size {m.image_size} / patch 16"
-            )
+        if m.kind != "text" and (m.codebook is None or m.codebook.code_grid * 16 != m.image_size):
+            raise ValueError(f"{kind}: manifest codes do not match image_size {m.image_size} / patch 16")
     return next(iter(sizes.values()), 0)
 
 
@@ -225,7 +223,13 @@ def build_train_data(
         manifests[kind], entries[kind] = manifest, good
         if bad:
             skipped_shards[kind] = bad
-    params = transform_params(config, tokenizer, image_size_of(manifests))
+    # validation decodes images even when no image kind is trained (a text-only mix in a sweep)
+    held_out = {
+        f"val.{kind}": shard_format.read_manifest(uri, config.storage)
+        for kind, uri in data.val.items()
+        if uri and kind != "text"
+    }
+    params = transform_params(config, tokenizer, image_size_of({**manifests, **held_out}))
     counter = SkipCounter.remote()
     datasets, names = {}, {}
     for i, kind in enumerate(ratios):

@@ -8,6 +8,7 @@ negatives come from a fixed seed and there is no flip, so validation losses are 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections import Counter
 
 import numpy as np
@@ -17,14 +18,22 @@ from pipeline.data.tokenizer import WordPieceTokenizer, load_tokenizer
 from pipeline.data.transforms import TransformParams, augment_batch, batch_rng, prepare_rows
 from pipeline.shards import format as shard_format
 
+log = logging.getLogger(__name__)
+
 VAL_STREAM = 1 << 20  # keeps validation seeds apart from the train ranks' seeds
 
 
 def held_out_rows(
-    config: Config, kind: str, params: TransformParams, tokenizer: WordPieceTokenizer | None, wanted: int
+    config: Config,
+    kind: str,
+    params: TransformParams,
+    tokenizer: WordPieceTokenizer | None,
+    wanted: int,
+    uri: str | None = None,
 ) -> tuple[dict[str, np.ndarray], Counter]:
-    """The first ``wanted`` usable rows of ``data.val[kind]`` (manifest order), prepared; skips counted."""
-    uri = config.data.val[kind]
+    """The first ``wanted`` usable rows of a dataset (default ``data.val[kind]``) in manifest order,
+    prepared; skips counted."""
+    uri = uri or config.data.val[kind]
     parts: dict[str, list[np.ndarray]] = {}
     skipped: Counter = Counter()
     have = 0
@@ -47,8 +56,8 @@ def held_out_rows(
     return {name: np.concatenate(values)[:wanted] for name, values in parts.items()}, skipped
 
 
-def _resolve(config: Config, params: TransformParams, tokenizer: WordPieceTokenizer | None):
-    if tokenizer is None and any(k != "image" for k in config.data.val):
+def _resolve(config: Config, params: TransformParams, tokenizer: WordPieceTokenizer | None, kinds):
+    if tokenizer is None and any(k != "image" for k in kinds):
         tokenizer = load_tokenizer(config.data.tokenizer, config.data.max_text_length, config.storage)
     return dataclasses.replace(params, flip_probability=0.0), tokenizer
 
@@ -58,14 +67,19 @@ def held_out_batches(
     params: TransformParams,
     tokenizer: WordPieceTokenizer | None = None,
     max_batches: int | None = None,
+    datasets: dict[str, str] | None = None,
 ) -> dict[str, list[dict]]:
-    """Up to ``max_batches`` (default ``train.val_batches``) full batches per kind of ``data.val``."""
-    params, tokenizer = _resolve(config, params, tokenizer)
+    """Up to ``max_batches`` (default ``train.val_batches``) full batches per kind of ``datasets`` (default
+    ``data.val``). Benchmarks pass train datasets to feed identical batches to two setups."""
+    datasets = config.data.val if datasets is None else datasets
+    params, tokenizer = _resolve(config, params, tokenizer, datasets)
     size = config.data.batch_size
     max_batches = config.train.val_batches if max_batches is None else max_batches
     out = {}
-    for kind_index, kind in enumerate(k for k in KINDS if config.data.val.get(k)):
-        rows, _ = held_out_rows(config, kind, params, tokenizer, size * max_batches)
+    for kind_index, kind in enumerate(k for k in KINDS if datasets.get(k)):
+        rows, skipped = held_out_rows(config, kind, params, tokenizer, size * max_batches, datasets[kind])
+        if skipped:
+            log.warning("%s (%s): skipped unusable held-out rows %s", kind, datasets[kind], dict(skipped))
         n = len(next(iter(rows.values())))
         out[kind] = [
             augment_batch(
@@ -86,7 +100,7 @@ def retrieval_pairs(
     ``pixel_values`` (n,3,H,W) float32, ``input_ids`` and ``attention_mask`` (n,L) int64; pair i matches i."""
     if not config.data.val.get("image_text"):
         raise ValueError("retrieval needs data.val.image_text (held-out image-caption pairs)")
-    params, tokenizer = _resolve(config, params, tokenizer)
+    params, tokenizer = _resolve(config, params, tokenizer, ["image_text"])
     rows, _ = held_out_rows(config, "image_text", params, tokenizer, max_pairs)
     return {
         "pixel_values": rows["pixel_values"],

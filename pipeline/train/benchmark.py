@@ -31,8 +31,9 @@ from pipeline.config import Config, from_dict, to_dict
 from pipeline.data.datasets import image_size_of, transform_params
 from pipeline.data.mixing import KindSampler, validate_ratios
 from pipeline.data.stream import to_torch
+from pipeline.data.validation import held_out_batches
 from pipeline.shards.format import read_manifest
-from pipeline.train.data_setup import fix_tokenizer, fixed_batches
+from pipeline.train.data_setup import fix_tokenizer
 from pipeline.train.launch import resolve_paths, run_pretraining
 from pipeline.train.loop import build_sharded, expected_losses, model_kwargs, optimizer_step
 from pipeline.train.optim import build_optimizer, build_scheduler
@@ -59,7 +60,8 @@ def step_batches(config: Config, steps: int, per_kind: int = 4) -> tuple[list[di
     kinds = validate_ratios(config.data.ratios, [k for k, v in config.data.train.items() if v])
     manifests = {kind: read_manifest(config.data.train[kind], config.storage) for kind in kinds}
     params = transform_params(config, tokenizer, image_size_of(manifests))
-    pool = fixed_batches(config, params, {k: config.data.train[k] for k in kinds}, per_kind)
+    train_sets = {k: config.data.train[k] for k in kinds}
+    pool = held_out_batches(config, params, max_batches=per_kind, datasets=train_sets)
     sampler = KindSampler(kinds, config.data.seed)
     used = dict.fromkeys(kinds, 0)
     batches = []

@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections import Counter
-
-import numpy as np
 
 from pipeline import storage
 from pipeline.config import Config
@@ -20,8 +17,7 @@ from pipeline.data.tokenizer import (
     load_or_train_tokenizer,
     load_tokenizer,
 )
-from pipeline.data.transforms import augment_batch, batch_rng, prepare_rows
-from pipeline.shards.format import read_manifest, read_shard
+from pipeline.data.validation import held_out_batches
 
 log = logging.getLogger(__name__)
 
@@ -69,46 +65,6 @@ class WorkerData:
         if self._val is None:
             self._val = {
                 kind: [to_torch(b, self.device) for b in batches]
-                for kind, batches in fixed_batches(
-                    self.config, self.spec.params, self.config.data.val, self.config.train.val_batches
-                ).items()
+                for kind, batches in held_out_batches(self.config, self.spec.params).items()
             }
         return self._val
-
-
-def fixed_batches(config: Config, params, datasets: dict[str, str], per_kind: int) -> dict[str, list[dict]]:
-    """Up to ``per_kind`` batches per kind from the first rows of ``datasets`` (kind -> dataset), read in
-    process, with masks and ITM negatives from a fixed seed: the same batches on every rank and call
-    (held-out validation; benchmarks that must feed identical batches to two setups)."""
-    data = config.data
-    tokenizer = load_tokenizer(data.tokenizer, data.max_text_length, config.storage)
-    out = {}
-    for kind_index, (kind, uri) in enumerate(sorted(datasets.items())):
-        rows: dict[str, list] = {}
-        skipped: Counter = Counter()
-        wanted = data.batch_size * per_kind
-        for entry in read_manifest(uri, config.storage).shards:
-            table = read_shard(uri, entry, config.storage)
-            columns = {name: table.column(name).to_pylist() for name in table.column_names if name != "key"}
-            prepared, dropped = prepare_rows(kind, columns, params, tokenizer if kind != "image" else None)
-            skipped.update(dropped)
-            for name, values in prepared.items():
-                rows.setdefault(name, []).append(values)
-            if sum(len(v) for v in rows[next(iter(rows))]) >= wanted:
-                break
-        merged = {name: np.concatenate(parts)[:wanted] for name, parts in rows.items()}
-        n = len(next(iter(merged.values())))
-        if skipped:
-            log.warning("%s (%s): skipped unusable rows %s", kind, uri, dict(skipped))
-        if n == 0:
-            raise ValueError(f"{kind} dataset {uri}: no usable row to make a batch of")
-        out[kind] = [
-            augment_batch(
-                kind,
-                {k: v[i : i + data.batch_size] for k, v in merged.items()},
-                params,
-                batch_rng(data.seed, 10**6, kind_index, i),
-            )
-            for i in range(0, n, data.batch_size)
-        ]
-    return out

@@ -1,0 +1,173 @@
+"""What a finished sweep leaves behind: the trial table (CSV and printed), the plot, the best trial.
+
+Pure functions of the trial rows, so they are tested without Ray or MLflow.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from dataclasses import dataclass
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+COMPLETED = "completed"
+STOPPED = "stopped early"
+ERROR = "error"
+PENDING = "not started"
+INTERRUPTED = "interrupted"  # running when the sweep was stopped; continues on resume
+
+
+@dataclass
+class TrialRow:
+    trial_id: str
+    status: str  # COMPLETED | STOPPED | ERROR, or PENDING | INTERRUPTED in an interrupted sweep
+    ratios: dict[str, float]
+    lr: float
+    objective: float | None  # the last validation objective the trial reported
+    step: int | None  # the last training step the trial reported
+    mlflow_run_id: str = ""
+    error: str = ""
+
+
+def best_trial(rows: list[TrialRow], mode: str) -> TrialRow | None:
+    """Best objective among trials that reported one (errored trials included if they did)."""
+    scored = [r for r in rows if r.objective is not None and math.isfinite(r.objective)]
+    if not scored:
+        return None
+    pick = min if mode == "min" else max
+    return pick(scored, key=lambda r: r.objective)
+
+
+def trials_csv(rows: list[TrialRow], kinds: list[str]) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(
+        [
+            "trial_id",
+            "status",
+            *[f"ratio_{k}" for k in kinds],
+            "lr",
+            "objective",
+            "step",
+            "mlflow_run_id",
+            "error",
+        ]
+    )
+    for r in rows:
+        writer.writerow(
+            [
+                r.trial_id,
+                r.status,
+                *[f"{r.ratios.get(k, 0.0):.6g}" for k in kinds],
+                f"{r.lr:.6g}",
+                "" if r.objective is None else f"{r.objective:.6g}",
+                "" if r.step is None else r.step,
+                r.mlflow_run_id,
+                r.error,
+            ]
+        )
+    return out.getvalue()
+
+
+def summary_table(rows: list[TrialRow], kinds: list[str], objective_name: str) -> str:
+    """Fixed-width table, one line per trial, in trial order."""
+    header = ["trial", *kinds, "lr", objective_name, "step", "status"]
+    body = [
+        [
+            r.trial_id,
+            *[f"{r.ratios[k]:.3f}" if k in r.ratios else "-" for k in kinds],
+            f"{r.lr:.2e}",
+            "-" if r.objective is None else f"{r.objective:.4f}",
+            "-" if r.step is None else str(r.step),
+            r.status + (f": {r.error}" if r.error else ""),
+        ]
+        for r in rows
+    ]
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *body, strict=False)]
+    lines = [
+        "  ".join(str(x).ljust(w) for x, w in zip(line, widths, strict=True)).rstrip()
+        for line in [header, *body]
+    ]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _ternary_xy(ratios: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Barycentric (a, b, c) -> the plane: corners a=(0,0), b=(1,0), c=(0.5, sqrt(3)/2)."""
+    total = ratios.sum(axis=1, keepdims=True)
+    b, c = (ratios / np.where(total > 0, total, 1))[:, 1:].T
+    return b + 0.5 * c, c * math.sqrt(3) / 2
+
+
+def _ternary_axes(kinds: list[str]):
+    fig, ax = plt.subplots(figsize=(7.2, 5.8))
+    for level in (0.2, 0.4, 0.6, 0.8):  # iso-ratio lines of each kind
+        for i in range(3):
+            ends = np.zeros((2, 3))
+            ends[:, i] = level
+            ends[0, (i + 1) % 3] = ends[1, (i + 2) % 3] = 1 - level
+            ax.plot(*_ternary_xy(ends), color="0.88", lw=0.8, zorder=0)
+    xs, ys = _ternary_xy(np.vstack([np.eye(3), np.eye(3)[:1]]))
+    ax.plot(xs, ys, color="0.3", lw=1, zorder=0)
+    for x, y, kind, dy in zip(xs[:3], ys[:3], kinds, (-0.04, -0.04, 0.03), strict=True):
+        ax.text(x, y + dy, f"{kind} = 1", ha="center", va="top" if dy < 0 else "bottom", fontsize=9)
+    ax.set_xlim(-0.15, 1.15)
+    ax.set_ylim(-0.12, 1.0)
+    ax.set_aspect("equal")
+    ax.axis("off")
+    return fig, [ax]
+
+
+def objective_plot(rows: list[TrialRow], kinds: list[str], objective_name: str, mode: str) -> bytes:
+    """PNG: a ternary scatter for three kinds, else the objective against each kind's ratio.
+
+    Colour is the objective (brighter = better); circles finished, crosses were stopped early or failed.
+    """
+    scored = [r for r in rows if r.objective is not None and math.isfinite(r.objective)]
+    weights = np.array([[r.ratios.get(k, 0.0) for k in kinds] for r in scored]).reshape(
+        len(scored), len(kinds)
+    )
+    values = np.array([r.objective for r in scored])
+    finished = np.array([r.status == COMPLETED for r in scored], dtype=bool)
+    best = best_trial(rows, mode)
+    ternary = len(kinds) == 3
+    if ternary:
+        fig, axes = _ternary_axes(kinds)
+    else:
+        fig, grid = plt.subplots(1, len(kinds), figsize=(4.0 * len(kinds), 3.6), squeeze=False)
+        axes = list(grid[0])
+    low, high = (values.min(), values.max()) if len(values) else (0.0, 1.0)
+    colour = {"cmap": "viridis_r" if mode == "min" else "viridis", "vmin": low, "vmax": high}
+    scatter = None
+    for i, ax in enumerate(axes):
+        x, y = _ternary_xy(weights) if ternary else (weights[:, i], values)
+        if not ternary:
+            ax.set(xlabel=f"ratio of {kinds[i]}", ylabel=objective_name, xlim=(-0.05, 1.05))
+            ax.grid(alpha=0.3)
+        for mask, marker in ((finished, "o"), (~finished, "X")):
+            if mask.any():
+                scatter = ax.scatter(
+                    x[mask], y[mask], c=values[mask], marker=marker, s=60, edgecolors="k", **colour
+                )
+        if best is not None:
+            j = scored.index(best)
+            ax.scatter([x[j]], [y[j]], marker="*", s=340, facecolors="none", edgecolors="red", lw=1.5)
+    legend = [
+        plt.Line2D([], [], marker="o", ls="", color="0.6", mec="k", label=COMPLETED),
+        plt.Line2D([], [], marker="X", ls="", color="0.6", mec="k", label=f"{STOPPED} / {ERROR}"),
+        plt.Line2D([], [], marker="*", ls="", mfc="none", mec="red", ms=14, label="best"),
+    ]
+    axes[0].legend(handles=legend, loc="upper left", fontsize=8, frameon=False)
+    if scatter is not None:
+        fig.colorbar(scatter, ax=axes, label=f"{objective_name} ({mode})", shrink=0.8, pad=0.02)
+    fig.suptitle(f"{objective_name} against the mixing ratios: {len(scored)} of {len(rows)} trials scored")
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()

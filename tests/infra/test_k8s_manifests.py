@@ -1,0 +1,361 @@
+"""The KubeRay manifests are part of the product: each kustomization must render, match the KubeRay and
+Kubernetes schemas, run entrypoints that the real job parsers accept, agree with the pinned versions,
+and carry no secret values. All offline: ``kubectl kustomize`` plus schema files."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+import posixpath
+import re
+import shlex
+from functools import cache
+from pathlib import Path
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+from k8s_render import (
+    KUSTOMIZATIONS,
+    ROOT,
+    by_kind,
+    cluster_spec,
+    config_map,
+    dockerfile_args,
+    dockerfile_directive,
+    pinned,
+    pods,
+    python_tag_of_requires_python,
+    quantity,
+    render,
+)
+
+KUBERNETES_VERSION = "1.32"  # kubectl on these machines; kubernetes-validate ships its schemas
+SECRETS = {"s3-credentials": {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}, "ray-auth-token": {"auth_token"}}
+CRD_FILES = {"RayJob": "ray.io_rayjobs.yaml", "RayCluster": "ray.io_rayclusters.yaml"}
+
+
+def _structural(schema: dict) -> dict:
+    """A CRD's OpenAPI v3 schema as JSON Schema with the API server's strictness.
+
+    The server rejects unknown fields (kubectl's default strict field validation), so objects that list
+    their properties get ``additionalProperties: false`` unless marked to preserve unknown fields;
+    ``x-kubernetes-int-or-string`` without an ``anyOf`` becomes one. CEL rules
+    (``x-kubernetes-validations``) are not evaluated here.
+    """
+    schema = copy.deepcopy(schema)
+
+    def walk(node):
+        if isinstance(node, list):
+            for item in node:
+                walk(item)
+            return
+        if not isinstance(node, dict):
+            return
+        for value in node.values():
+            walk(value)
+        if node.get("x-kubernetes-int-or-string") and "anyOf" not in node:
+            node.pop("type", None)
+            node["anyOf"] = [{"type": "integer"}, {"type": "string"}]
+        if (
+            node.get("type") == "object"
+            and "properties" in node
+            and "additionalProperties" not in node
+            and not node.get("x-kubernetes-preserve-unknown-fields")
+        ):
+            node["additionalProperties"] = False
+
+    walk(schema)
+    return schema
+
+
+@pytest.fixture(scope="module")
+def crd_validators(shared_dir: Path) -> dict[str, jsonschema.Draft7Validator]:
+    validators = {}
+    for kind, filename in CRD_FILES.items():
+        path = shared_dir / "kuberay-crds" / filename
+        if not path.is_file():
+            pytest.skip(f"{path} is absent: the KubeRay CRD schemas live in the shared material")
+        crd = yaml.load(path.read_text(), Loader=yaml.CSafeLoader)
+        assert crd["spec"]["names"]["kind"] == kind, f"{path} defines {crd['spec']['names']['kind']}"
+        (v1,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1"]
+        validators[kind] = jsonschema.Draft7Validator(_structural(v1["schema"]["openAPIV3Schema"]))
+    return validators
+
+
+@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def test_ray_resources_match_kuberay_crds(name, crd_validators):
+    docs = render(name)
+    ray_docs = [d for d in docs if d["kind"] in CRD_FILES]
+    assert {d["kind"] for d in ray_docs} == set(CRD_FILES), f"{name} lacks a RayJob or RayCluster"
+    assert len(by_kind(docs, "RayJob")) == 2, "expected the pretrain and tune_mixing RayJobs"
+    for doc in ray_docs:
+        assert doc["apiVersion"] == "ray.io/v1"
+        errors = sorted(crd_validators[doc["kind"]].iter_errors(doc), key=lambda e: list(e.absolute_path))
+        assert not errors, f"{name}: {doc['kind']}/{doc['metadata']['name']} breaks the KubeRay CRD:\n" + (
+            "\n".join(f"  {'/'.join(map(str, e.absolute_path))}: {e.message[:300]}" for e in errors[:20])
+        )
+
+
+def test_crd_check_catches_a_misspelt_field(crd_validators):
+    """The strictness matters: the API server would reject (not ignore) this typo."""
+    job = copy.deepcopy(by_kind(render("base"), "RayJob")[0])
+    job["spec"]["shutdownAfterJobFinish"] = job["spec"].pop("shutdownAfterJobFinishes")
+    assert any("shutdownAfterJobFinish" in e.message for e in crd_validators["RayJob"].iter_errors(job))
+
+
+@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def test_core_resources_match_kubernetes_schemas(name):
+    core = [d for d in render(name) if d["kind"] not in CRD_FILES]
+    assert {"ConfigMap", "Deployment", "Service", "PersistentVolumeClaim"} <= {d["kind"] for d in core}
+    for doc in core:
+        try:
+            kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as e:
+            where = "/".join(map(str, e.path))
+            pytest.fail(f"{name}: {doc['kind']}/{doc['metadata']['name']}: {where}: {e.message}")
+
+
+@cache
+def _job_module(script: str):
+    path = ROOT / "jobs" / f"{script}.py"
+    spec = importlib.util.spec_from_file_location(f"_k8s_entrypoint_{script}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _repo_config_path(docs: tuple[dict, ...], job: dict, mounted: str) -> Path:
+    """The jobs/configs file behind a config path on the head: mount -> volume -> ConfigMap key."""
+    head = cluster_spec(job)["headGroupSpec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in head.get("volumes", [])}
+    for mount in head["containers"][0].get("volumeMounts", []):
+        relative = posixpath.relpath(mounted, mount["mountPath"])
+        if relative.startswith(".."):
+            continue
+        source = volumes[mount["name"]]["configMap"]
+        if "items" in source:
+            key = {item["path"]: item["key"] for item in source["items"]}.get(relative)
+            assert key, f"{mounted}: ConfigMap {source['name']} projects no item at {relative}"
+        else:
+            key = relative
+        data = config_map(docs, source["name"])["data"]
+        assert key in data, f"{mounted}: ConfigMap {source['name']} has no key {key}"
+        repo_file = ROOT / "jobs" / "configs" / key
+        assert data[key] == repo_file.read_text(), f"ConfigMap {source['name']}/{key} != {repo_file}"
+        return repo_file
+    raise AssertionError(f"{job['metadata']['name']}: no volume of the head is mounted at {mounted}")
+
+
+def parse_entrypoint(docs: tuple[dict, ...], job: dict):
+    """Runs the entrypoint's command line through the real parser of the job it names."""
+    argv = shlex.split(job["spec"]["entrypoint"])
+    app_dir = dockerfile_directive("WORKDIR")[-1]
+    assert argv[0] == "python", f"entrypoint should start with python: {argv}"
+    match = re.fullmatch(rf"{re.escape(app_dir)}/jobs/(\w+)\.py", argv[1])
+    assert match, f"entrypoint script {argv[1]} is not a job of the image's {app_dir}/jobs/"
+    args = argv[2:]
+    assert "--config" in args, f"{job['metadata']['name']}: entrypoint passes no --config"
+    at = args.index("--config") + 1
+    args[at] = str(_repo_config_path(docs, job, args[at]))
+    try:
+        config, namespace = _job_module(match[1]).parse(args)
+    except SystemExit as e:
+        raise AssertionError(f"jobs/{match[1]}.py rejects the entrypoint {argv} (exit {e.code})") from e
+    return match[1], config
+
+
+def _train_slots(job: dict) -> int:
+    """Train workers the job's worker groups can hold: one per GPU, or one per pod on CPU."""
+    slots = 0
+    for group in cluster_spec(job)["workerGroupSpecs"]:
+        limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+        slots += group["replicas"] * max(1, int(limits.get("nvidia.com/gpu", 0)))
+    return slots
+
+
+@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def test_entrypoints_parse_and_fit_their_cluster(name):
+    docs = render(name)
+    storage = config_map(docs, "flava-storage")["data"]
+    services = {s["metadata"]["name"] for s in by_kind(docs, "Service")}
+    scripts = set()
+    for job in by_kind(docs, "RayJob"):
+        script, config = parse_entrypoint(docs, job)
+        scripts.add(script)
+        where = f"{name}: RayJob/{job['metadata']['name']}"
+        gpus = any(
+            "nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"].get("limits", {})
+            for g in cluster_spec(job)["workerGroupSpecs"]
+        )
+        assert config.train.use_gpu == gpus, f"{where}: train.use_gpu={config.train.use_gpu}, GPUs: {gpus}"
+        slots = _train_slots(job)
+        if script == "pretrain":
+            assert config.train.num_workers == slots, f"{where}: num_workers != {slots} worker slots"
+        else:
+            per_trial = config.tune.workers_per_trial or config.train.num_workers
+            assert per_trial <= slots, f"{where}: a trial needs {per_trial} of {slots} worker slots"
+        for group in cluster_spec(job)["workerGroupSpecs"]:
+            ray_cpus = quantity(group["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"])
+            assert config.train.cpus_per_worker < ray_cpus, f"{where}: no CPU left for Ray Data tasks"
+        assert config.storage.s3_endpoint_url == storage.get("s3_endpoint_url", ""), (
+            f"{where}: storage.s3_endpoint_url disagrees with the flava-storage ConfigMap"
+        )
+        assert config.storage.s3_region == storage["s3_region"]
+        uris = [config.train.storage_path, config.tune.storage_path, *config.data.train.values()]
+        assert all(u.startswith("s3://") for u in uris), f"{where}: pods have no local storage: {uris}"
+        tracking = re.fullmatch(r"http://([a-z0-9-]+)(\.[a-z0-9.-]+)?:5000", config.mlflow.tracking_uri)
+        assert tracking and tracking[1] in services, f"{where}: {config.mlflow.tracking_uri} is no Service"
+    assert scripts == {"pretrain", "tune_mixing"}
+
+
+@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def test_interactive_cluster_mounts_the_jobs_preset(name):
+    """So that an interactive ``ray job submit`` with the mounted preset (README) runs as a RayJob does."""
+
+    def config_mount(doc):
+        head = cluster_spec(doc)["headGroupSpec"]["template"]["spec"]
+        volumes = {v["name"]: v.get("configMap") for v in head.get("volumes", [])}
+        return [(m["mountPath"], volumes[m["name"]]) for m in head["containers"][0].get("volumeMounts", [])]
+
+    docs = render(name)
+    (interactive,) = by_kind(docs, "RayCluster")
+    for job in by_kind(docs, "RayJob"):
+        assert config_mount(job) == config_mount(interactive), f"{name}: {job['metadata']['name']}"
+
+
+def test_entrypoint_check_catches_a_renamed_key():
+    docs = render("base")
+    job = copy.deepcopy(by_kind(docs, "RayJob")[0])
+    job["spec"]["entrypoint"] += " train.num_worker=3"
+    with pytest.raises(AssertionError, match="rejects the entrypoint"):
+        parse_entrypoint(docs, job)
+
+
+def test_versions_agree():
+    ray_version, python_tag = pinned("ray"), python_tag_of_requires_python()
+    args = dockerfile_args()
+    assert args["RAY_VERSION"] == ray_version, "Dockerfile RAY_VERSION differs from pyproject's ray pin"
+    assert args["PYTHON_TAG"] == python_tag, "Dockerfile PYTHON_TAG differs from requires-python"
+    assert dockerfile_directive("FROM") == ["rayproject/ray:${RAY_VERSION}-${PYTHON_TAG}-${RAY_PLATFORM}"]
+    assert args["RAY_PLATFORM"] == "gpu" and "/whl/cu" in args["TORCH_INDEX_URL"], "default build is GPU"
+    assert pinned("torch"), "the Dockerfile installs pyproject's torch pin from TORCH_INDEX_URL"
+    for name in KUSTOMIZATIONS:
+        docs = render(name)
+        for doc in docs:
+            spec = cluster_spec(doc)
+            if spec is not None:
+                assert spec["rayVersion"] == ray_version, f"{name}: {doc['metadata']['name']} rayVersion"
+            for pod in pods(doc):
+                limits = [c["resources"].get("limits", {}) for c in pod.spec["containers"]]
+                gpu = any("nvidia.com/gpu" in lim for lim in limits)
+                for container in pod.spec["containers"]:
+                    tag = container["image"].rsplit(":", 1)[-1]
+                    match = re.fullmatch(r"[\w.]+-ray([\d.]+)-(py\d+)-(cpu|gpu)", tag)
+                    assert match, f"{name}: {pod.where}: image tag {tag} does not name Ray/Python/platform"
+                    assert match[1] == ray_version and match[2] == python_tag, f"{name}: {pod.where}: {tag}"
+                    assert not gpu or match[3] == "gpu", f"{name}: {pod.where} requests GPUs on a {tag} image"
+
+
+def test_dockerfile_runs_as_non_root_with_the_code_baked_in():
+    users = dockerfile_directive("USER")
+    assert users and re.fullmatch(r"[1-9]\d*(:\d+)?", users[-1]), "last USER must be a numeric non-root id"
+    assert any(line.startswith("--chown=") and line.endswith(" . .") for line in dockerfile_directive("COPY"))
+    assert any("pip install --no-deps ." in run for run in dockerfile_directive("RUN"))
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert {".git", ".venv", "mlruns", "runs", "**/*.db"} <= set(ignored)
+
+
+@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def test_no_secret_values_and_only_known_secret_refs(name):
+    docs = render(name)
+    assert not by_kind(docs, "Secret"), f"{name} renders a Secret: secrets are created out of band"
+    text = yaml.safe_dump_all(docs)
+    patterns = (
+        r"\b(AKIA|ASIA)[0-9A-Z]{16}\b",  # AWS access key ids
+        r"-----BEGIN [A-Z ]*PRIVATE KEY",
+        r"(secret_access_key|auth_token|password)\s*[:=]\s*\S",  # a credential assigned a value
+    )
+    for pattern in patterns:
+        assert not re.search(pattern, text, flags=re.I), f"{name}: rendered manifests match {pattern}"
+    readme = (ROOT / "infra" / "README.md").read_text()
+    for doc in docs:
+        for pod in pods(doc):
+            for container in pod.spec["containers"]:
+                for env in container.get("env", []):
+                    where = f"{name}: {pod.where} env {env['name']}"
+                    if re.search(r"SECRET|TOKEN|PASSWORD|ACCESS_KEY", env["name"]):
+                        assert "value" not in env, f"{where} holds a literal value"
+                    ref = env.get("valueFrom", {}).get("secretKeyRef")
+                    if ref:
+                        assert ref["key"] in SECRETS.get(ref["name"], ()), f"{where}: unknown {ref}"
+                        assert f"secret generic {ref['name']}" in readme, f"README creates no {ref['name']}"
+
+
+@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def test_pods_are_hardened_sized_and_authenticated(name):
+    for doc in render(name):
+        if doc["kind"] == "RayJob":
+            assert doc["spec"]["shutdownAfterJobFinishes"] is True
+            assert doc["spec"]["ttlSecondsAfterFinished"] > 0
+        for pod in pods(doc):
+            assert pod.spec["securityContext"]["runAsNonRoot"] is True, f"{name}: {pod.where}"
+            assert pod.spec["securityContext"]["runAsUser"] > 0, f"{name}: {pod.where}"
+            for c in pod.spec["containers"]:
+                where = f"{name}: {pod.where} container {c['name']}"
+                assert c["securityContext"]["allowPrivilegeEscalation"] is False, where
+                assert "ALL" in c["securityContext"]["capabilities"]["drop"], where
+                for bound in ("requests", "limits"):
+                    assert {"cpu", "memory"} <= set(c["resources"][bound]), f"{where}: {bound}"
+                    for resource, amount in c["resources"][bound].items():
+                        ceiling = c["resources"]["limits"].get(resource, amount)
+                        assert quantity(amount) <= quantity(ceiling), f"{where}: {resource}"
+                env = {e["name"]: e for e in c.get("env", [])}
+                if pod.role != "server":
+                    assert env["RAY_AUTH_MODE"]["value"] == "token", where
+                    ref = env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]
+                    assert (ref["name"], ref["key"]) == ("ray-auth-token", "auth_token"), where
+
+
+@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def test_config_map_references_resolve(name):
+    docs = render(name)
+    for doc in docs:
+        for pod in pods(doc):
+            for volume in pod.spec.get("volumes", []):
+                if "configMap" in volume:
+                    data = config_map(docs, volume["configMap"]["name"])["data"]
+                    for item in volume["configMap"].get("items", []):
+                        assert item["key"] in data, f"{name}: {pod.where}: no key {item['key']}"
+            for container in pod.spec["containers"]:
+                for env in container.get("env", []):
+                    ref = env.get("valueFrom", {}).get("configMapKeyRef")
+                    if ref and not ref.get("optional"):
+                        assert ref["key"] in config_map(docs, ref["name"])["data"], f"{name}: {pod.where}"
+
+
+def test_gpu_workers_request_and_tolerate_gpus():
+    for doc in render("overlays/gpu"):
+        for pod in pods(doc):
+            if pod.role != "worker":
+                continue
+            resources = pod.spec["containers"][0]["resources"]
+            assert quantity(resources["limits"]["nvidia.com/gpu"]) >= 1, pod.where
+            assert resources["requests"]["nvidia.com/gpu"] == resources["limits"]["nvidia.com/gpu"], pod.where
+            tolerations = pod.spec.get("tolerations", [])
+            assert any(t["key"] == "nvidia.com/gpu" and t["operator"] == "Exists" for t in tolerations)
+
+
+def test_cpu_smoke_fits_a_laptop():
+    """Everything that starts at once (suspended RayJobs wait) requests at most 4 CPUs and 8 GiB."""
+    cpu = memory = 0.0
+    for doc in render("overlays/cpu-smoke"):
+        if doc["kind"] == "RayJob" and doc["spec"].get("suspend"):
+            continue
+        for pod in pods(doc):
+            for c in pod.spec["containers"]:
+                assert "nvidia.com/gpu" not in c["resources"]["limits"], pod.where
+                cpu += pod.replicas * quantity(c["resources"]["requests"]["cpu"])
+                memory += pod.replicas * quantity(c["resources"]["requests"]["memory"])
+    assert cpu <= 4 and memory <= 8 * 2**30, f"cpu-smoke requests {cpu} CPUs and {memory / 2**30:.1f} GiB"

@@ -1,0 +1,172 @@
+"""A real sweep on CPU: demo shards, tiny FLAVA, Ray Tune over TorchTrainer trials, ASHA, MLflow, resume.
+
+Four trials, one at a time: the two corners of a two-kind simplex (text pinned at 0) crossed with a
+working lr and one too small to learn anything in four steps (grid order: good, tiny, good, tiny). After
+the first trial finishes the sweep is interrupted (SIGUSR1, as Ctrl+C) and resumed by running it again.
+Ray Tune does not carry the scheduler's rungs over a resume, but however the interruption falls, a good
+trial has reached the first rung before the last tiny one does, so ASHA must stop that one at step 2.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from pipeline.config import load_config
+from pipeline.shards.demo import prepare_demo
+from pipeline.tune.report import COMPLETED, STOPPED
+from pipeline.tune.sweep import ARTEFACTS, OBJECTIVE, TRIAL_ID_TAG, run_sweep
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[2]
+GOOD_LR, TINY_LR = 0.01, 1e-9
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory, ray_cluster) -> Path:
+    root = tmp_path_factory.mktemp("tune-demo")
+    config = load_config(
+        ROOT / "jobs/configs/demo.yaml",
+        [f"demo.root={root}", "demo.pairs=96", "demo.images=48", "demo.texts=96", "demo.val_fraction=0.25"],
+    )
+    prepare_demo(config)
+    return root
+
+
+def sweep_overrides(demo: Path, work: Path) -> list[str]:
+    splits = {s: {k: str(demo / k / s) for k in ("image_text", "image", "text")} for s in ("train", "val")}
+    return [
+        f"data.train={splits['train']}",
+        f"data.val={splits['val']}",
+        "data.batch_size=4",
+        "data.shuffle_buffer=16",
+        "model.preset=tiny",
+        f"train.steps={STEPS}",
+        "train.val_every=2",
+        "train.val_batches=1",
+        "train.checkpoint_every=4",
+        "train.log_every=2",
+        "train.warmup_steps=1",
+        "train.export_model=false",
+        f"train.storage_path={work / 'runs'}",
+        f"mlflow.tracking_uri=sqlite:///{work / 'mlflow.db'}",
+        "mlflow.experiment=tune-e2e",
+        "tune.search=grid",
+        "tune.kinds=[image_text, image]",
+        "tune.grid_steps=1",
+        f"tune.lr_choices=[{GOOD_LR:.1e}, {TINY_LR:.1e}]",
+        "tune.num_samples=1",
+        "tune.scheduler=asha",
+        "tune.grace_period=1",
+        "tune.reduction_factor=2",
+        "tune.workers_per_trial=1",
+        "tune.max_concurrent_trials=1",  # a fixed order of arrival at the rungs
+        f"tune.storage_path={work / 'sweeps'}",
+        "tune.name=e2e",
+    ]
+
+
+def interrupt_after_first_finished_trial(tracking_uri: str, stop: threading.Event) -> threading.Thread:
+    """Sends this process SIGUSR1 (Tune's graceful stop) once one trial's training run has finished."""
+
+    def watch():
+        client = MlflowClient(tracking_uri)
+        while not stop.is_set():
+            exp = client.get_experiment_by_name("tune-e2e")
+            if exp is not None:
+                runs = client.search_runs([exp.experiment_id], "attributes.status = 'FINISHED'")
+                if any(TRIAL_ID_TAG in r.data.tags for r in runs):
+                    os.kill(os.getpid(), signal.SIGUSR1)
+                    return
+            time.sleep(1.0)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def load_job(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "jobs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_sweep_stops_bad_trials_tracks_children_resumes_and_yields_a_runnable_best(demo_root, tmp_path):
+    config = load_config(None, sweep_overrides(demo_root, tmp_path))
+    tracking_uri = config.mlflow.tracking_uri
+
+    stop = threading.Event()
+    watcher = interrupt_after_first_finished_trial(tracking_uri, stop)
+    try:
+        first = run_sweep(config)
+    finally:
+        stop.set()
+        watcher.join(timeout=5)
+    assert first.interrupted and not first.resumed
+    assert any(r.status == COMPLETED for r in first.rows)
+
+    outcome = run_sweep(config)  # the same command again resumes
+    assert outcome.resumed and not outcome.interrupted
+    assert outcome.parent_run_id == first.parent_run_id
+    rows = outcome.rows
+    assert len(rows) == 4
+
+    # every trial reported the objective; the ratios sit on the two-kind simplex with text pinned at 0
+    for row in rows:
+        assert row.objective is not None, row
+        assert row.ratios["text"] == 0.0 and row.ratios["image_text"] + row.ratios["image"] == 1.0
+    assert sorted(r.lr for r in rows) == [TINY_LR, TINY_LR, GOOD_LR, GOOD_LR]
+
+    # ASHA acted: the last tiny-lr trial fell below the median at the first rung (step 2) and was stopped
+    last_tiny = max((r for r in rows if r.lr == TINY_LR), key=lambda r: r.trial_id)
+    assert last_tiny.status == STOPPED and last_tiny.step == 2, rows
+    assert all(r.status in (COMPLETED, STOPPED) for r in rows)
+    assert all(r.step == STEPS for r in rows if r.status == COMPLETED)
+    assert outcome.best.lr == GOOD_LR
+
+    # MLflow: one parent, one nested child per trial, tagged, holding the trial's params and curves
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name("tune-e2e")
+    parent = client.get_run(outcome.parent_run_id)
+    assert parent.info.status == "FINISHED"
+    assert parent.data.metrics[f"best/{OBJECTIVE}"] == pytest.approx(outcome.best.objective)
+    children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert sorted(c.data.tags[TRIAL_ID_TAG] for c in children) == sorted(r.trial_id for r in rows)
+    by_trial = {c.data.tags[TRIAL_ID_TAG]: c for c in children}
+    for row in rows:
+        child = by_trial[row.trial_id]
+        assert row.mlflow_run_id == child.info.run_id
+        assert child.info.status in ("FINISHED", "KILLED")
+        assert child.data.tags["tune.outcome"] == row.status
+        assert float(child.data.params["train.lr"]) == row.lr
+        curve = {m.step: m.value for m in client.get_metric_history(child.info.run_id, OBJECTIVE)}
+        assert curve[row.step] == pytest.approx(row.objective)
+        # a stopped run is killed within seconds; a tiny one may still log a validation or two meanwhile
+        assert max(curve) == STEPS if row.status == COMPLETED else max(curve) >= row.step
+    artefacts = {f.path for f in client.list_artifacts(parent.info.run_id, "sweep")}
+    assert artefacts == {f"sweep/{name}" for name in ARTEFACTS.values()}
+
+    # the artefacts beside the Tune experiment
+    exp_dir = Path(outcome.experiment_uri)
+    assert (exp_dir / ARTEFACTS["csv"]).read_text().count("\n") == 1 + len(rows)
+    assert (exp_dir / ARTEFACTS["plot"]).read_bytes()[:4] == b"\x89PNG"
+    assert outcome.best_config_uri == str(exp_dir / ARTEFACTS["best"])
+    best = yaml.safe_load(Path(outcome.best_config_uri).read_text())
+    assert best["data"]["ratios"] == outcome.best.ratios and best["train"]["lr"] == outcome.best.lr
+
+    # the best YAML launches pretraining as is (a few steps here)
+    rc = load_job("pretrain").main(
+        ["--config", outcome.best_config_uri, "train.steps=2", f"train.storage_path={tmp_path / 'best'}"]
+    )
+    assert rc == 0
