@@ -8,13 +8,13 @@
 from __future__ import annotations
 
 import dataclasses
-import os
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pipeline.cluster import init_ray  # noqa: E402
 from pipeline.config import dump_config, parse_cli  # noqa: E402
 from pipeline.shards.format import ShardIntegrityError  # noqa: E402
 from pipeline.shards.prepare import PrepareError, execute, format_report, plan  # noqa: E402
@@ -47,13 +47,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{p.dataset}: {sum(len(s) for s in p.shards)} records in {len(p.shards)} shards")
             return 0
 
-        import ray
-
         from pipeline.shards.demo import prepare_demo
 
-        if not ray.is_initialized():
-            # "local" never attaches to another cluster found on this machine; RAY_ADDRESS wins when set
-            ray.init(address=os.environ.get("RAY_ADDRESS") or "local")
+        init_ray()
         report = prepare_demo(config) if args.demo else execute(plans, config.prepare, config.storage)
     except (SourceError, PrepareError, ShardIntegrityError, FileNotFoundError) as e:
         print(f"prepare_data: {e}", file=sys.stderr)

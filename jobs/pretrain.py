@@ -5,14 +5,13 @@ Runs on the cluster of ``RAY_ADDRESS`` (as under ``ray job submit``), else start
 
 from __future__ import annotations
 
-import os
-import socket
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from pipeline.cluster import init_ray  # noqa: E402
 from pipeline.config import dump_config, parse_cli  # noqa: E402
 
 
@@ -30,27 +29,9 @@ def main(argv: list[str] | None = None) -> int:
             print(dump_config(resolve_paths(config)), end="")
             print("pretrain: inputs valid (dry run, nothing started)")
             return 0
-        import ray
         import ray.data
 
-        if not ray.is_initialized():
-            if os.environ.get("RAY_ADDRESS"):  # e.g. under `ray job submit`: the cluster is given
-                ray.init()
-            else:  # a fresh local Ray whose workers import this checkout; CPUs for the workers + Ray Data
-                needed = config.train.num_workers * config.train.cpus_per_worker + 1
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", 0))
-                    dashboard_port = s.getsockname()[1]
-                # Ray Train's placement-group cleaner asks "the" local cluster whether the controller lives;
-                # with other Ray instances on the machine it may ask the wrong one and kill this run's
-                # workers. Its processes inherit this variable, which names this cluster's API server.
-                os.environ.setdefault("RAY_API_SERVER_ADDRESS", f"http://127.0.0.1:{dashboard_port}")
-                ray.init(
-                    address="local",
-                    num_cpus=max(os.cpu_count() or 1, needed),
-                    dashboard_port=dashboard_port,
-                    runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}},
-                )
+        init_ray(min_cpus=config.train.num_workers * config.train.cpus_per_worker + 1)
         ray.data.DataContext.get_current().enable_progress_bars = False  # the trainer prints progress
         result = run_pretraining(config)
     except InputError as e:

@@ -7,13 +7,13 @@ Runs on the cluster of ``RAY_ADDRESS`` (as under ``ray job submit``), else start
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from pipeline.cluster import init_ray  # noqa: E402
 from pipeline.config import ConfigError, dump_config, parse_cli  # noqa: E402
 
 
@@ -35,12 +35,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"tune_mixing: config valid, {num_trials(config)} trial(s) over {searched}")
             print("tune_mixing: dry run, nothing started")
             return 0
-        import ray
-
-        if not ray.is_initialized():
-            # a local Ray's workers import this checkout; under `ray job submit` the working dir does that
-            runtime_env = None if os.environ.get("RAY_ADDRESS") else {"env_vars": {"PYTHONPATH": str(ROOT)}}
-            ray.init(runtime_env=runtime_env)
+        init_ray()
         outcome = run_sweep(config)
     except (InputError, ConfigError) as e:
         print(f"tune_mixing: bad input: {e}", file=sys.stderr)
