@@ -61,3 +61,26 @@ def moto_s3():
     boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="test-bucket")
     yield endpoint
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def make_demo_shards(tmp_path_factory, ray_cluster):
+    """Prepares a small demo corpus through the real prepare path: ``make(pairs, images, texts)`` -> root
+    holding ``<kind>/{train,val}``, a quarter held out. Made once per size and session."""
+    from pipeline.config import load_config
+    from pipeline.shards.demo import prepare_demo
+
+    made: dict[tuple[int, int, int], Path] = {}
+
+    def make(pairs: int, images: int, texts: int) -> Path:
+        if (pairs, images, texts) not in made:
+            root = tmp_path_factory.mktemp(f"demo-{pairs}-{images}-{texts}")
+            sizes = [f"demo.pairs={pairs}", f"demo.images={images}", f"demo.texts={texts}"]
+            config = load_config(
+                ROOT / "jobs/configs/demo.yaml", [f"demo.root={root}", *sizes, "demo.val_fraction=0.25"]
+            )
+            prepare_demo(config)
+            made[(pairs, images, texts)] = root
+        return made[(pairs, images, texts)]
+
+    return make

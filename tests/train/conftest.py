@@ -1,4 +1,4 @@
-"""Demo shards for the training tests: made once per session by the shards teammate's generator."""
+"""Demo shards for the training tests."""
 
 from __future__ import annotations
 
@@ -6,20 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import load_config
-
-ROOT = Path(__file__).resolve().parents[2]
-
 
 @pytest.fixture(scope="session")
-def demo_root(tmp_path_factory, ray_cluster) -> Path:
+def demo_root(make_demo_shards) -> Path:
     """24 rows per kind, a quarter held out: 18 train rows = one batch of 8 per rank and epoch."""
-    from pipeline.shards.demo import prepare_demo
-
-    root = tmp_path_factory.mktemp("train-demo")
-    config = load_config(
-        ROOT / "jobs/configs/demo.yaml",
-        [f"demo.root={root}", "demo.pairs=24", "demo.images=24", "demo.texts=24", "demo.val_fraction=0.25"],
-    )
-    prepare_demo(config)
-    return root
+    return make_demo_shards(24, 24, 24)

@@ -21,7 +21,6 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import load_config
-from pipeline.shards.demo import prepare_demo
 from pipeline.tune.report import COMPLETED, STOPPED
 from pipeline.tune.sweep import ARTEFACTS, OBJECTIVE, TRIAL_ID_TAG, run_sweep
 
@@ -33,14 +32,8 @@ STEPS = 4
 
 
 @pytest.fixture(scope="module")
-def demo_root(tmp_path_factory, ray_cluster) -> Path:
-    root = tmp_path_factory.mktemp("tune-demo")
-    config = load_config(
-        ROOT / "jobs/configs/demo.yaml",
-        [f"demo.root={root}", "demo.pairs=96", "demo.images=48", "demo.texts=96", "demo.val_fraction=0.25"],
-    )
-    prepare_demo(config)
-    return root
+def demo_root(make_demo_shards) -> Path:
+    return make_demo_shards(96, 48, 96)
 
 
 def sweep_overrides(demo: Path, work: Path) -> list[str]:
