@@ -40,8 +40,12 @@ TEMPLATES = ("{}", "a picture of {}", "an image with {}", "a drawing of {}")
 RAW_SIZE = 96  # generated pictures are larger than the demo's 64 px, so canonical resizing is exercised
 
 
+def _one(colour: str, shape: str) -> str:
+    return f"{'an' if colour[0] in 'aeiou' else 'a'} {colour} {shape}"
+
+
 def _phrase(count: int, colour: str, shape: str) -> str:
-    return f"a {colour} {shape}" if count == 1 else f"{COUNTS[count - 1]} {colour} {shape}s"
+    return _one(colour, shape) if count == 1 else f"{COUNTS[count - 1]} {colour} {shape}s"
 
 
 def _draw(draw: ImageDraw.ImageDraw, shape: str, box: tuple[float, float, float, float], fill) -> None:
@@ -89,7 +93,7 @@ def sentence(rng: np.random.Generator) -> str:
     if form == 1:
         n, where = int(rng.integers(1, 4)), PLACE[str(rng.choice(list(PLACE)))]
         return f"there {'is' if n == 1 else 'are'} {_phrase(n, str(c1), str(s1))} {where}."
-    return f"a {c1} {s1} and a {c2} {s2} are drawn on a plain background."
+    return f"{_one(str(c1), str(s1))} and {_one(str(c2), str(s2))} are drawn on a plain background."
 
 
 def write_raw(raw: Path, pairs: int, images: int, texts: int, seed: int) -> dict[str, Path]:

@@ -12,7 +12,7 @@ from pipeline.shards import format as fmt
 from pipeline.shards.demo import COLOURS, REGIONS, prepare_demo, scene, write_raw
 
 PHRASE = re.compile(
-    r"(a|one|two|three) (\w+) (circle|square|triangle)s? (?:on|at) the (left|right|top|bottom)"
+    r"(an?|one|two|three) (\w+) (circle|square|triangle)s? (?:on|at) the (left|right|top|bottom)"
 )
 
 
