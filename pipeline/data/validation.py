@@ -69,7 +69,7 @@ def held_out_batches(
     max_batches: int | None = None,
     datasets: dict[str, str] | None = None,
 ) -> dict[str, list[dict]]:
-    """Up to ``max_batches`` (default ``train.val_batches``) full batches per kind of ``datasets`` (default
+    """Up to ``max_batches`` (default ``train.val_batches``) batches per kind of ``datasets`` (default
     ``data.val``). Benchmarks pass train datasets to feed identical batches to two setups."""
     datasets = config.data.val if datasets is None else datasets
     params, tokenizer = _resolve(config, params, tokenizer, datasets)
@@ -88,7 +88,7 @@ def held_out_batches(
                 params,
                 batch_rng(config.data.seed, VAL_STREAM, kind_index, i // size),
             )
-            for i in range(0, n - size + 1, size)
+            for i in range(0, n, size)
         ]
     return out
 
