@@ -81,7 +81,7 @@ def interrupt_after_first_finished_trial(tracking_uri: str, stop: threading.Even
                 if any(TRIAL_ID_TAG in r.data.tags for r in runs):
                     os.kill(os.getpid(), signal.SIGUSR1)
                     return
-            time.sleep(1.0)
+            time.sleep(0.2)
 
     thread = threading.Thread(target=watch, daemon=True)
     thread.start()
@@ -121,9 +121,11 @@ def test_sweep_stops_bad_trials_tracks_children_resumes_and_yields_a_runnable_be
         assert row.ratios["text"] == 0.0 and row.ratios["image_text"] + row.ratios["image"] == 1.0
     assert sorted(r.lr for r in rows) == [TINY_LR, TINY_LR, GOOD_LR, GOOD_LR]
 
-    # ASHA acted: the last tiny-lr trial fell below the median at the first rung (step 2) and was stopped
-    last_tiny = max((r for r in rows if r.lr == TINY_LR), key=lambda r: r.trial_id)
-    assert last_tiny.status == STOPPED and last_tiny.step == 2, rows
+    # ASHA acted, and only on bad trials: a tiny-lr trial fell below the median at the first rung (step 2).
+    # Which one depends on where the interrupt landed, since Tune does not restore ASHA's rungs on resume.
+    stopped = [r for r in rows if r.status == STOPPED]
+    assert stopped and all(r.lr == TINY_LR and r.step == 2 for r in stopped), rows
+    assert all(r.status == COMPLETED for r in rows if r.lr == GOOD_LR), rows
     assert all(r.status in (COMPLETED, STOPPED) for r in rows)
     assert all(r.step == STEPS for r in rows if r.status == COMPLETED)
     assert outcome.best.lr == GOOD_LR
