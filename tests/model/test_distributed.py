@@ -128,6 +128,7 @@ def worker(rank: int, port: int, out_dir: str) -> None:
     contrastive_on_rank(rank, f"{out_dir}/contrastive.pt")
     fsdp_on_rank(rank, f"{out_dir}/fsdp.pt")
     bf16_on_rank(rank, f"{out_dir}/bf16.pt")
+    dist.barrier()  # neither rank tears gloo down while the other still uses it (that aborts the process)
     dist.destroy_process_group()
 
 
