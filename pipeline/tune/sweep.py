@@ -264,12 +264,15 @@ def _children(client: MlflowClient, experiment: str, parent_run_id: str) -> dict
 
 
 def _close_children(client: MlflowClient, rows: list[report.TrialRow]) -> None:
-    """A trial stopped by the scheduler is killed mid-run, so its training run never closes itself."""
+    """A trial stopped by the scheduler is killed mid-run: its training run never closes itself, or closes as
+    FAILED when the stop reaches it as an exception. Tune's outcome is the truth for both."""
     for row in rows:
         if not row.mlflow_run_id:
             continue
         client.set_tag(row.mlflow_run_id, OUTCOME_TAG, row.status)
-        if client.get_run(row.mlflow_run_id).info.status == "RUNNING":
+        if row.status == report.STOPPED:
+            client.set_terminated(row.mlflow_run_id, status="KILLED")
+        elif client.get_run(row.mlflow_run_id).info.status == "RUNNING":
             client.set_terminated(
                 row.mlflow_run_id, status="FAILED" if row.status == report.ERROR else "KILLED"
             )
