@@ -354,7 +354,9 @@ def run_sweep(config: Config) -> SweepOutcome:
             results, config.train, _children(parent.client, config.mlflow.experiment, parent_run_id)
         )
         unfinished = _unfinished_trials(config)
-        if unfinished:  # Tune saved its state on SIGINT/SIGUSR1; the parent run stays open for the resume
+        # Tune saved its state on SIGINT/SIGUSR1 and the parent run stays open for the resume. An interrupt
+        # between two trials leaves none unfinished: the searcher simply had not created the next one yet
+        if unfinished or len(rows) < n_trials:
             for row in rows:
                 if row.trial_id in unfinished and row.status != report.PENDING:
                     row.status = report.INTERRUPTED

@@ -107,7 +107,8 @@ def test_sweep_stops_bad_trials_tracks_children_resumes_and_yields_a_runnable_be
         stop.set()
         watcher.join(timeout=5)
     assert first.interrupted and not first.resumed
-    assert any(r.status == COMPLETED for r in first.rows)
+    # a trial trained to the end; Tune may not have seen it finish before the signal (then it is resumed)
+    assert any(r.step == STEPS for r in first.rows), first.rows
 
     outcome = run_sweep(config)  # the same command again resumes
     assert outcome.resumed and not outcome.interrupted
