@@ -5,7 +5,9 @@ Runs on the cluster of ``RAY_ADDRESS`` (as under ``ray job submit``), else start
 
 from __future__ import annotations
 
+import signal
 import sys
+import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,9 +21,21 @@ def parse(argv: list[str] | None = None):
     return parse_cli(argv, description=__doc__)
 
 
+def _terminate(signum, frame):
+    """SIGTERM (``ray job stop``, a pod's shutdown) ends the job like Ctrl+C: the MLflow run is closed as
+    KILLED and the last complete checkpoint stays the one a resubmission resumes from."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     config, args = parse(argv)
-    from pipeline.train.launch import InputError, resolve_paths, run_pretraining, validate_inputs
+    from pipeline.train.launch import (
+        InputError,
+        failure_summary,
+        resolve_paths,
+        run_pretraining,
+        validate_inputs,
+    )
 
     try:
         validate_inputs(resolve_paths(config))  # fail fast, before starting Ray
@@ -37,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     except InputError as e:
         print(f"pretrain: bad input: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # Ray has logged the workers' tracebacks; the cause goes last, on one line
+        traceback.print_exc()
+        print(f"pretrain: training failed: {failure_summary(e)}", file=sys.stderr)
+        return 1
     print(
         f"pretrain: done, {result.metrics.get('step', '?')} steps; MLflow run {result.mlflow_run_id} at "
         f"{result.tracking_uri}"
@@ -49,4 +67,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _terminate)
     sys.exit(main())

@@ -16,7 +16,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_ray(min_cpus: int = 1) -> None:
+def init_ray(min_cpus: int = 1, env_vars: dict[str, str] | None = None) -> None:
     """Connects to RAY_ADDRESS, or starts a local Ray with at least ``min_cpus`` logical CPUs.
 
     A local cluster is always new (``address="local"``), never another job's that happens to run on the
@@ -37,5 +37,6 @@ def init_ray(min_cpus: int = 1) -> None:
         address="local",
         num_cpus=max(os.cpu_count() or 1, min_cpus),
         dashboard_port=dashboard_port,
-        runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}},  # workers import this checkout
+        # workers import this checkout; ``env_vars`` reach every process of the job (Ray Train's too)
+        runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), **(env_vars or {})}},
     )

@@ -28,10 +28,11 @@ def join(uri: str, *parts: str) -> str:
 def s3_filesystem(storage: StorageConfig) -> pafs.S3FileSystem:
     kwargs: dict = {
         "region": storage.s3_region,
-        # transient outages (a restarted endpoint, throttling) are retried with backoff by the SDK
-        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=storage_retries()),
+        # transient outages (a restarted endpoint, throttling) are retried with exponential backoff by the
+        # SDK; an endpoint that stays away fails each call after about as long as s3_max_attempts allows
+        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=storage.s3_max_attempts),
         "connect_timeout": 5,
-        "request_timeout": 30,
+        "request_timeout": storage.s3_request_timeout_s,
     }
     if storage.s3_endpoint_url:
         parsed = urlparse(storage.s3_endpoint_url)
@@ -40,8 +41,83 @@ def s3_filesystem(storage: StorageConfig) -> pafs.S3FileSystem:
     return pafs.S3FileSystem(**kwargs)
 
 
-def storage_retries() -> int:
-    return int(os.environ.get("FLAVA_S3_MAX_ATTEMPTS", "8"))
+class _RebuiltS3(pafs.FileSystemHandler):
+    """An S3 filesystem that travels as its config and is rebuilt in each process that unpickles it.
+
+    pyarrow pickles an ``S3FileSystem`` without its retry strategy, so one handed to Ray (Train's storage
+    filesystem runs in the controller and the workers) would retry 3 times, about 2 s of an outage,
+    instead of ``s3_max_attempts``. This handler pickles the ``StorageConfig`` and delegates every call.
+    """
+
+    def __init__(self, storage: StorageConfig):
+        self.storage = storage
+        self._fs: pafs.S3FileSystem | None = None
+
+    def __getstate__(self) -> dict:
+        return {"storage": self.storage}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__(state["storage"])
+
+    @property
+    def fs(self) -> pafs.S3FileSystem:
+        if self._fs is None:
+            self._fs = s3_filesystem(self.storage)
+        return self._fs
+
+    def equals(self, other) -> bool:
+        return isinstance(other, _RebuiltS3) and other.storage == self.storage
+
+    def get_type_name(self) -> str:
+        return "s3+rebuilt"
+
+    def normalize_path(self, path):
+        return self.fs.normalize_path(path)
+
+    def get_file_info(self, paths):
+        return self.fs.get_file_info(paths)
+
+    def get_file_info_selector(self, selector):
+        return self.fs.get_file_info(selector)
+
+    def create_dir(self, path, recursive):
+        self.fs.create_dir(path, recursive=recursive)
+
+    def delete_dir(self, path):
+        self.fs.delete_dir(path)
+
+    def delete_dir_contents(self, path, missing_dir_ok=False):
+        self.fs.delete_dir_contents(path, missing_dir_ok=missing_dir_ok)
+
+    def delete_root_dir_contents(self):
+        raise OSError("refusing to delete the contents of every bucket")
+
+    def delete_file(self, path):
+        self.fs.delete_file(path)
+
+    def move(self, src, dest):
+        self.fs.move(src, dest)
+
+    def copy_file(self, src, dest):
+        self.fs.copy_file(src, dest)
+
+    def open_input_stream(self, path):
+        return self.fs.open_input_stream(path)
+
+    def open_input_file(self, path):
+        return self.fs.open_input_file(path)
+
+    def open_output_stream(self, path, metadata):
+        return self.fs.open_output_stream(path, metadata=metadata)
+
+    def open_append_stream(self, path, metadata):
+        return self.fs.open_append_stream(path, metadata=metadata)
+
+
+def portable_s3_filesystem(storage: StorageConfig) -> pafs.FileSystem:
+    """The S3 filesystem to hand to Ray (Train's and Tune's ``storage_filesystem``): retries as configured
+    in whichever process uses it."""
+    return pafs.PyFileSystem(_RebuiltS3(storage))
 
 
 def fs_path(uri: str) -> str:

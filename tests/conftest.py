@@ -32,10 +32,25 @@ def ray_cluster():
             num_cpus=4,
             include_dashboard=False,
             log_to_driver=True,
-            runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}},
+            # a hung rank is killed 5 s after its peers failed, not 30 (the stuck-worker drill)
+            runtime_env={
+                "env_vars": {"PYTHONPATH": str(ROOT), "TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S": "5"}
+            },
         )
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def ray_head(tmp_path_factory):
+    """A real token-auth ``ray start --head`` of this session (its own ports, temp dir and HOME), for
+    ``ray job submit``. Its processes get S3 and MLflow credentials with unique values
+    (``head.extra_env``), so that the secrets drill can tell any copy of them."""
+    from pipeline.drills.faults import secret_env
+    from pipeline.drills.head import RayHead
+
+    with RayHead(tmp_path_factory.mktemp("ray-home"), extra_env=secret_env()) as head:
+        yield head
 
 
 @pytest.fixture(scope="session")

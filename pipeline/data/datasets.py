@@ -60,6 +60,7 @@ class StreamSpec:
     skip_counter: ray.actor.ActorHandle | None = None
     corrupt_shards: dict[str, int] = field(default_factory=dict)  # kind -> shards skipped before reading
     prefetch_batches: int = 2
+    read_ahead: int = 4  # batches per kind queued by the worker's reader thread (data.read_ahead)
 
     @property
     def kinds(self) -> tuple[str, ...]:
@@ -251,6 +252,7 @@ def build_train_data(
         tokenizer=tokenizer,
         skip_counter=counter,
         corrupt_shards={kind: len(bad) for kind, bad in skipped_shards.items()},
+        read_ahead=data.read_ahead,
     )
     # every dataset is split with streaming_split(equal=True): equal rows per rank, so with drop_last all
     # ranks run out of a kind at the same step and restart its epoch together

@@ -32,9 +32,12 @@ def collect_batches(config: Config, tokenizer: WordPieceTokenizer, per_kind: int
     shards = {kind: data.datasets[name].iterator() for kind, name in data.spec.dataset_names.items()}
     stream = MixedStream(data.spec, shards)
     got: dict[str, list[dict]] = defaultdict(list)
-    for kind in data.spec.kinds:  # by kind, not by ratio, so rare kinds show up too
-        while len(got[kind]) < per_kind:
-            got[kind].append(stream.next_of(kind))
+    try:
+        for kind in data.spec.kinds:  # by kind, not by ratio, so rare kinds show up too
+            while len(got[kind]) < per_kind:
+                got[kind].append(stream.next_of(kind))
+    finally:
+        stream.close()
     return [b for kind in data.spec.kinds for b in got[kind]]
 
 

@@ -6,13 +6,20 @@ Why every rank agrees without talking to the others:
   the same number of rows of a kind per epoch, and batches are cut with ``drop_last``: all ranks run
   out of a kind at the same step and start its next epoch together (``start_epoch`` is itself a barrier);
 - ``get_dataset_shard`` (a barrier) is called for the kinds in the same fixed order on every rank.
+
+Each kind is read ahead by a thread (``ReadAhead``) that starts the kind's next epoch as soon as it has
+pulled the last batch of the current one, so that an epoch restart (a new Ray Data execution behind the
+split's barrier) overlaps the training of the batches still queued instead of stalling a step.
 """
 
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -21,6 +28,50 @@ from pipeline.data.mixing import KindSampler
 from pipeline.data.transforms import augment_batch, batch_rng
 
 log = logging.getLogger(__name__)
+
+
+class ReadAhead:
+    """Items of ``source`` (a kind's ``(epoch, rows)``), pulled by a daemon thread up to ``depth`` ahead,
+    so that the kind's next epoch starts while queued batches still train; a source error is raised where
+    the item is taken. ``depth`` 0 pulls in the caller's thread (no read-ahead)."""
+
+    def __init__(self, source: Iterator, depth: int):
+        self._source = source
+        self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._closed = threading.Event()
+        self._thread = None
+        if depth > 0:
+            self._thread = threading.Thread(target=self._pull, daemon=True)
+            self._thread.start()
+
+    def _pull(self) -> None:
+        try:
+            for item in self._source:
+                while not self._closed.is_set():
+                    try:
+                        self._queue.put(item, timeout=0.2)
+                        break
+                    except queue.Full:
+                        continue
+                if self._closed.is_set():
+                    break
+        except BaseException as e:  # handed to the consumer, in the training loop's thread
+            self._queue.put(e)
+        finally:
+            self._source.close()  # ends the Ray Data execution of an epoch left unfinished
+
+    def get(self):
+        item = self._queue.get() if self._thread is not None else next(self._source)
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        self._closed.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+        else:
+            self._source.close()
 
 
 class MixedStream:
@@ -43,7 +94,7 @@ class MixedStream:
         self.rank = rank or 0
         self._shards = shards
         self._sampler = KindSampler(spec.ratios, spec.seed)
-        self._iters: dict = dict.fromkeys(spec.kinds)
+        self._readers: dict[str, ReadAhead | None] = dict.fromkeys(spec.kinds)
         self._epoch = dict.fromkeys(spec.kinds, 0)
         self._batches_in_epoch = dict.fromkeys(spec.kinds, 0)
         self._samples: Counter = Counter()
@@ -80,56 +131,70 @@ class MixedStream:
         self._samples[kind] += len(batch["attention_mask" if kind == "text" else "pixel_values"])
         return batch
 
-    def _start_epoch(self, kind: str):
+    def _open_epoch(self, kind: str, epoch: int):
         seed = int(
-            np.random.default_rng(
-                [self.spec.seed, self.rank, self.spec.kinds.index(kind), self._epoch[kind]]
-            ).integers(2**31)
-        )
-        self._batches_in_epoch[kind] = 0
-        return iter(
-            self._shards[kind].iter_batches(
-                batch_size=self.spec.batch_size,
-                batch_format="numpy",
-                drop_last=True,
-                local_shuffle_buffer_size=self.spec.shuffle_buffer or None,
-                local_shuffle_seed=seed if self.spec.shuffle_buffer else None,
-                prefetch_batches=self.spec.prefetch_batches,
+            np.random.default_rng([self.spec.seed, self.rank, self.spec.kinds.index(kind), epoch]).integers(
+                2**31
             )
         )
+        return self._shards[kind].iter_batches(
+            batch_size=self.spec.batch_size,
+            batch_format="numpy",
+            drop_last=True,
+            local_shuffle_buffer_size=self.spec.shuffle_buffer or None,
+            local_shuffle_seed=seed if self.spec.shuffle_buffer else None,
+            prefetch_batches=self.spec.prefetch_batches,
+        )
+
+    def _epochs(self, kind: str, epoch: int) -> Iterator[tuple[int, dict | None]]:
+        """``(epoch, rows)`` of every batch, epoch after epoch; ``None`` rows for an epoch with no batch."""
+        while True:
+            empty = True
+            for rows in self._open_epoch(kind, epoch):
+                empty = False
+                yield epoch, rows
+            if empty:
+                yield epoch, None
+                return
+            epoch += 1
 
     def _next_rows(self, kind: str) -> dict:
-        if self._iters[kind] is None:
-            self._iters[kind] = self._start_epoch(kind)
-        try:
-            return next(self._iters[kind])
-        except StopIteration:
-            pass
+        reader = self._readers[kind]
+        if reader is None:
+            reader = self._readers[kind] = ReadAhead(
+                self._epochs(kind, self._epoch[kind]), self.spec.read_ahead
+            )
+        epoch, rows = reader.get()
         # every rank runs out at this same step (equal splits, drop_last), so all restart together
-        self._epoch[kind] += 1
-        log.info("kind %s: starting epoch %d", kind, self._epoch[kind])
-        self._iters[kind] = self._start_epoch(kind)
-        try:
-            return next(self._iters[kind])
-        except StopIteration:
+        if epoch != self._epoch[kind]:
+            self._epoch[kind], self._batches_in_epoch[kind] = epoch, 0
+            log.info("kind %s: starting epoch %d", kind, epoch)
+        if rows is None:
             raise RuntimeError(
                 f"the {kind} train dataset yields no full batch of {self.spec.batch_size} per rank in an "
                 "epoch (too few rows for batch_size x workers, or every row was skipped: see counters())"
-            ) from None
+            )
+        return rows
+
+    def close(self) -> None:
+        """Stops the read-ahead threads (and the epochs they started); the stream ends here."""
+        for reader in self._readers.values():
+            if reader is not None:
+                reader.close()
 
     def state_dict(self) -> dict:
         """Kind sequence state and per-kind progress (the position inside an epoch is not restored)."""
         return {
             "sampler": self._sampler.state_dict(),
             "epoch": dict(self._epoch),
-            "started": [k for k, it in self._iters.items() if it is not None],
+            "started": [k for k, reader in self._readers.items() if reader is not None],
             "samples": dict(self._samples),
             "batches": dict(self._batches),
         }
 
     def load_state_dict(self, state: dict) -> None:
         """Continues the saved kind sequence; each kind starts its next epoch with a fresh pass."""
-        if any(it is not None for it in self._iters.values()):
+        if any(reader is not None for reader in self._readers.values()):
             raise RuntimeError("load_state_dict must come before the first batch is drawn")
         self._sampler.load_state_dict(state["sampler"])
         # a kind not drawn yet has not begun its epoch 0: it must not skip to epoch 1 (exact resume)

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 from tokenizers import BertWordPieceTokenizer, Tokenizer, processors
 
@@ -114,6 +115,22 @@ def train_tokenizer(texts: Iterator[str], vocab_size: int, max_length: int) -> W
     return WordPieceTokenizer(Tokenizer.from_str(bert.to_str()), max_length, "trained")
 
 
+def _text_column(dataset: str, entry: shard_format.ShardEntry, config: Config) -> list[str]:
+    """One shard's captions, reading only that column; its size is checked against the manifest (the
+    checksum of the whole shard is the dataset builder's job: reading images here would cost too much)."""
+    uri = storage.join(dataset, entry.file)
+    size = storage.file_size(uri, config.storage)
+    if size != entry.bytes:
+        raise shard_format.ShardIntegrityError(
+            f"{uri}: {size} bytes but the manifest recorded {entry.bytes} (truncated or rewritten)"
+        )
+    fs, path = storage.resolve(uri, config.storage)
+    try:
+        return pq.read_table(path, columns=["text"], filesystem=fs).column("text").to_pylist()
+    except pa.ArrowException as e:
+        raise shard_format.ShardIntegrityError(f"{uri}: unreadable ({e})") from e
+
+
 def shard_texts(config: Config, max_texts: int) -> Iterator[str]:
     """Captions of the train datasets that have text (only the text column is read)."""
     produced = 0
@@ -123,8 +140,14 @@ def shard_texts(config: Config, max_texts: int) -> Iterator[str]:
             continue
         manifest = shard_format.read_manifest(dataset, config.storage)
         for entry in manifest.shards:
-            fs, path = storage.resolve(storage.join(dataset, entry.file), config.storage)
-            for text in pq.read_table(path, columns=["text"], filesystem=fs).column("text").to_pylist():
+            try:
+                texts = _text_column(dataset, entry, config)
+            except shard_format.ShardIntegrityError as e:
+                if config.data.on_corrupt_shard != "skip":
+                    raise
+                log.warning("tokenizer training skips a corrupt shard: %s", e)
+                continue
+            for text in texts:
                 if text and text.strip():
                     yield text
                     produced += 1

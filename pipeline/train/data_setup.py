@@ -60,6 +60,13 @@ class WorkerData:
     def next_batch(self, kind: str) -> dict:
         return to_torch(self.stream.next_of(kind), self.device)
 
+    def skip_counts(self) -> dict[str, float]:
+        """Shards and rows left out so far, by kind and reason, and totals (pipeline-wide: for rank 0)."""
+        counts = {k: v for k, v in self.stream.counters().items() if k.startswith("skipped_")}
+        for what in ("skipped_shards", "skipped_rows"):
+            counts[f"{what}/total"] = sum(v for k, v in counts.items() if k.startswith(f"{what}/"))
+        return counts
+
     def val_batches(self) -> dict[str, list[dict]]:
         """Read once, kept in memory as torch batches: validation then costs only the forwards."""
         if self._val is None:

@@ -21,6 +21,7 @@ from model import build_flava
 from model.checkpoint import spec_from_hf_config
 from pipeline import storage
 from pipeline.config import KINDS, Config, to_dict
+from pipeline.data.datasets import TrainData, check_shards
 from pipeline.data.mixing import validate_ratios
 from pipeline.data.tokenizer import load_tokenizer
 from pipeline.shards.format import Manifest, ShardIntegrityError, verify_dataset
@@ -55,8 +56,11 @@ def _model_geometry(config: Config, text_vocab_size: int):
 def _check_dataset(split: str, kind: str, uri: str, config: Config, spec) -> Manifest:
     where = f"data.{split}.{kind} ({uri})"
     try:
-        manifest = verify_dataset(uri, config.storage, checksums=False)
-    except (ShardIntegrityError, FileNotFoundError, OSError, pa.ArrowException) as e:
+        if split == "train":  # sizes here; checksums when the datasets are built (build_train_data)
+            manifest, _, _ = check_shards(uri, config.storage, False, config.data.on_corrupt_shard)
+        else:  # held-out sets are small and read whole: no skipping there
+            manifest = verify_dataset(uri, config.storage, checksums=False)
+    except (ShardIntegrityError, ValueError, OSError, pa.ArrowException) as e:
         raise InputError(f"{where}: {e}") from e
     if manifest.kind != kind:
         raise InputError(f"{where}: the manifest says kind {manifest.kind!r}, expected {kind!r}")
@@ -168,13 +172,25 @@ def start_tracking(config: Config, manifests: dict[str, Manifest]) -> str:
     return run_id
 
 
-def build_trainer(config: Config, mlflow_run_id: str, callbacks: list | None = None) -> TorchTrainer:
+def open_train_data(config: Config) -> tuple[Config, TrainData]:
+    """The run's tokenizer (``fix_tokenizer``) and verified Ray datasets; a shard whose bytes differ from
+    its manifest is an ``InputError`` naming it (under ``data.on_corrupt_shard=error``)."""
+    try:
+        config, tokenizer = fix_tokenizer(config)
+        return config, build_train_datasets(config, tokenizer)
+    except ShardIntegrityError as e:
+        raise InputError(str(e)) from e
+
+
+def build_trainer(
+    config: Config, mlflow_run_id: str, callbacks: list | None = None, data: TrainData | None = None
+) -> TorchTrainer:
     """The ``TorchTrainer`` of one run, for a config that went through ``resolve_paths`` and
     ``fix_tokenizer`` (a Tune trial passes its ``TuneReportCallback`` in ``callbacks``)."""
     train = config.train
-    _, tokenizer = fix_tokenizer(config)
-    data = build_train_datasets(config, tokenizer)
-    storage_filesystem = storage.s3_filesystem(config.storage) if storage.is_s3(train.storage_path) else None
+    data = data or open_train_data(config)[1]
+    on_s3 = storage.is_s3(train.storage_path)
+    storage_filesystem = storage.portable_s3_filesystem(config.storage) if on_s3 else None
     storage_path = train.storage_path[len("s3://") :] if storage_filesystem else train.storage_path
     return TorchTrainer(
         train_loop_per_worker,
@@ -204,6 +220,15 @@ def build_trainer(config: Config, mlflow_run_id: str, callbacks: list | None = N
     )
 
 
+def failure_summary(error: BaseException) -> str:
+    """One readable line: the innermost cause's last message line (Ray wraps a worker's error in layers,
+    each repeating the traceback)."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return f"{type(error).__name__}: {lines[-1] if lines else ''}"
+
+
 @dataclass
 class PretrainResult:
     tracking_uri: str
@@ -219,11 +244,14 @@ def run_pretraining(config: Config, callbacks: list | None = None) -> PretrainRe
     config = resolve_paths(config)
     manifests = validate_inputs(config)
     check_cluster_cpus(config)
-    config, _ = fix_tokenizer(config)
+    config, data = open_train_data(config)  # every train shard checked (checksums) before the run opens
     run_id = start_tracking(config, manifests)
     tracker = tracking.Tracker(config.mlflow.tracking_uri, run_id)
     try:
-        result = build_trainer(config, run_id, callbacks).fit()
+        result = build_trainer(config, run_id, callbacks, data).fit()
+    except (KeyboardInterrupt, SystemExit):  # Ctrl+C, or SIGTERM from ``ray job stop`` (jobs/pretrain.py)
+        tracker.finish("KILLED")
+        raise
     except BaseException:
         tracker.finish("FAILED")
         raise

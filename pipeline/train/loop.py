@@ -356,6 +356,7 @@ class Trainer:
             if self.tracker is not None:
                 self.tracker.add(p.step, metrics)
                 if p.step % train.log_every == 0 or p.step == stop:
+                    self.tracker.add(p.step, self.data.skip_counts())
                     self.tracker.flush()
                     eta = (time.perf_counter() - started) / (p.step - first_step) * (stop - p.step)
                     self.log(_progress_line(p.step, train.steps, kind, metrics, eta))
@@ -392,4 +393,7 @@ def train_loop_per_worker(loop_config: dict) -> None:
         torch.set_num_threads(max(1, config.train.cpus_per_worker))
     trainer = Trainer(config, loop_config["stream_spec"], loop_config["mlflow_run_id"], device)
     trainer.resume()
-    trainer.run()
+    try:
+        trainer.run()
+    finally:
+        trainer.data.stream.close()

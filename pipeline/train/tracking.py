@@ -66,7 +66,12 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
 
 
 def git_commit(root: Path) -> str:
-    """HEAD (with ``-dirty`` for local changes), or ``unknown`` outside a git checkout (e.g. a Ray job)."""
+    """HEAD (with ``-dirty`` for local changes); outside a git checkout (an uploaded ``ray job submit``
+    working dir, the container image) the ``FLAVA_GIT_COMMIT`` that the submitter or the image build set,
+    else ``unknown``."""
+    fallback = os.environ.get("FLAVA_GIT_COMMIT", "") or "unknown"
+    if not (root / ".git").exists():
+        return fallback
     try:
         head = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=10, check=True
@@ -79,7 +84,7 @@ def git_commit(root: Path) -> str:
             timeout=10,
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return fallback
     return f"{head}-dirty" if dirty else head
 
 

@@ -181,8 +181,10 @@ def _open_parent_run(config: Config, exp_uri: str, resources: TrialResources, n_
 
 def _tune_storage(config: Config) -> tuple[str, str, pafs.FileSystem | None]:
     """(storage path, experiment path, filesystem) as Tune takes them: a filesystem only for S3."""
-    fs, root = storage.resolve(config.tune.storage_path, config.storage)
-    return root, storage.join(root, config.tune.name), fs if storage.is_s3(config.tune.storage_path) else None
+    uri = config.tune.storage_path
+    root = storage.fs_path(uri)
+    fs = storage.portable_s3_filesystem(config.storage) if storage.is_s3(uri) else None
+    return root, storage.join(root, config.tune.name), fs
 
 
 def _unfinished_trials(config: Config) -> set[str]:

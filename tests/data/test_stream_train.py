@@ -37,6 +37,7 @@ def consume(loop_config: dict) -> None:
         kinds.append(KINDS.index(batch["kind"]))
         sizes.append(len(batch["attention_mask" if batch["kind"] == "text" else "pixel_values"]))
         epochs_at.append([stream.counters()[f"epoch/{k}"] for k in spec.kinds] if step % 10 == 0 else None)
+    stream.close()
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, {"kinds": kinds, "sizes": sizes, "epochs": epochs_at})
     resumed = MixedStream(spec)  # a restarted worker: fresh stream, restored state, no batch drawn yet

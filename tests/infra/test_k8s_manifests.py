@@ -1,6 +1,7 @@
 """The KubeRay manifests are part of the product: each kustomization must render, match the KubeRay and
-Kubernetes schemas, run entrypoints that the real job parsers accept, agree with the pinned versions,
-and carry no secret values. All offline: ``kubectl kustomize`` plus schema files."""
+Kubernetes schemas, run entrypoints that the real job parsers (and, for the sweep, its Tune setup) accept,
+agree with the pinned versions, run with KubeRay-managed Ray token auth, and carry no secret values. All
+offline: ``kubectl kustomize`` plus schema files."""
 
 from __future__ import annotations
 
@@ -32,7 +33,12 @@ from k8s_render import (
 )
 
 KUBERNETES_VERSION = "1.32"  # kubectl on these machines; kubernetes-validate ships its schemas
-SECRETS = {"s3-credentials": {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}, "ray-auth-token": {"auth_token"}}
+RAY_AUTH_SECRET = "ray-auth-token"
+# the data key KubeRay reads from the Secret of authOptions.secretName (its RAY_AUTH_TOKEN_SECRET_KEY)
+RAY_AUTH_KEY = "auth_token"
+SECRETS = {"s3-credentials": {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}, RAY_AUTH_SECRET: {RAY_AUTH_KEY}}
+# set by the KubeRay operator from authOptions; a second source in the manifests could disagree with it
+OPERATOR_AUTH_ENV = {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ENABLE_K8S_TOKEN_AUTH"}
 CRD_FILES = {"RayJob": "ray.io_rayjobs.yaml", "RayCluster": "ray.io_rayclusters.yaml"}
 
 
@@ -148,8 +154,41 @@ def _repo_config_path(docs: tuple[dict, ...], job: dict, mounted: str) -> Path:
     raise AssertionError(f"{job['metadata']['name']}: no volume of the head is mounted at {mounted}")
 
 
+def ray_resources(job: dict) -> dict[str, float]:
+    """What ``ray.cluster_resources()`` reports on the job's cluster: KubeRay starts each pod's Ray with
+    ``num-cpus`` from rayStartParams, else its CPU limit, and its GPU limit."""
+    cluster = cluster_spec(job)
+    groups = [(cluster["headGroupSpec"], 1)]
+    groups += [(g, g["replicas"]) for g in cluster["workerGroupSpecs"]]
+    total = {"CPU": 0.0, "GPU": 0.0}
+    for group, replicas in groups:
+        limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
+        cpus = group.get("rayStartParams", {}).get("num-cpus", limits["cpu"])
+        total["CPU"] += replicas * quantity(cpus)
+        total["GPU"] += replicas * quantity(limits.get("nvidia.com/gpu", 0))
+    return total
+
+
+def check_sweep(job: dict, config):
+    """What ``jobs/tune_mixing.py`` builds from the config before any trial starts: the Tune search space,
+    the scheduler, and the trial resources on this job's cluster. (``validate_sweep`` would also read every
+    swept dataset's manifest from S3, which is not reachable offline.) Returns the trial resources."""
+    from pipeline.config import ConfigError
+    from pipeline.tune.resources import derive_resources
+    from pipeline.tune.space import num_trials, param_space
+    from pipeline.tune.sweep import _scheduler
+
+    try:
+        param_space(config)
+        _scheduler(config)
+        return derive_resources(ray_resources(job), config, num_trials(config))
+    except ConfigError as e:
+        raise AssertionError(f"{job['metadata']['name']}: jobs/tune_mixing.py rejects the sweep: {e}") from e
+
+
 def parse_entrypoint(docs: tuple[dict, ...], job: dict):
-    """Runs the entrypoint's command line through the real parser of the job it names."""
+    """Runs the entrypoint's command line through the real parser of the job it names (and, for the sweep,
+    through the construction of its search space, scheduler and trial resources)."""
     argv = shlex.split(job["spec"]["entrypoint"])
     app_dir = dockerfile_directive("WORKDIR")[-1]
     assert argv[0] == "python", f"entrypoint should start with python: {argv}"
@@ -163,6 +202,8 @@ def parse_entrypoint(docs: tuple[dict, ...], job: dict):
         config, namespace = _job_module(match[1]).parse(args)
     except SystemExit as e:
         raise AssertionError(f"jobs/{match[1]}.py rejects the entrypoint {argv} (exit {e.code})") from e
+    if match[1] == "tune_mixing":
+        check_sweep(job, config)
     return match[1], config
 
 
@@ -180,11 +221,16 @@ def test_entrypoints_parse_and_fit_their_cluster(name):
     docs = render(name)
     storage = config_map(docs, "flava-storage")["data"]
     services = {s["metadata"]["name"] for s in by_kind(docs, "Service")}
-    scripts = set()
+    configs = {}
     for job in by_kind(docs, "RayJob"):
         script, config = parse_entrypoint(docs, job)
-        scripts.add(script)
+        configs[script] = (job, config)
         where = f"{name}: RayJob/{job['metadata']['name']}"
+        train = config.train
+        assert train.warmup_steps < train.steps, (
+            f"{where}: warmup {train.warmup_steps} >= {train.steps} steps"
+        )
+        assert 0 < train.val_every <= train.steps and 0 < train.checkpoint_every <= train.steps, where
         gpus = any(
             "nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"].get("limits", {})
             for g in cluster_spec(job)["workerGroupSpecs"]
@@ -207,7 +253,24 @@ def test_entrypoints_parse_and_fit_their_cluster(name):
         assert all(u.startswith("s3://") for u in uris), f"{where}: pods have no local storage: {uris}"
         tracking = re.fullmatch(r"http://([a-z0-9-]+)(\.[a-z0-9.-]+)?:5000", config.mlflow.tracking_uri)
         assert tracking and tracking[1] in services, f"{where}: {config.mlflow.tracking_uri} is no Service"
-    assert scripts == {"pretrain", "tune_mixing"}
+    assert set(configs) == {"pretrain", "tune_mixing"}
+    assert_sweep_is_short(name, *configs["tune_mixing"], configs["pretrain"][1])
+
+
+def assert_sweep_is_short(name: str, tune_job: dict, sweep, pretrain) -> None:
+    """Trials are short runs: the whole sweep, even with no trial stopped early, costs at most one
+    pretraining run in worker-steps (same preset, so the same batch per worker). A trial that inherited the
+    pretraining schedule (train.steps) would cost num_trials pretraining runs."""
+    from pipeline.tune.space import num_trials
+
+    resources = check_sweep(tune_job, sweep)
+    trials = num_trials(sweep)
+    sweep_cost = trials * sweep.train.steps * resources.workers_per_trial
+    pretrain_cost = pretrain.train.steps * pretrain.train.num_workers
+    assert sweep_cost <= pretrain_cost, (
+        f"{name}: {trials} trials x {sweep.train.steps} steps x {resources.workers_per_trial} worker(s) = "
+        f"{sweep_cost} worker-steps > pretraining's {pretrain_cost}: override train.steps for the sweep"
+    )
 
 
 @pytest.mark.parametrize("name", KUSTOMIZATIONS)
@@ -231,6 +294,43 @@ def test_entrypoint_check_catches_a_renamed_key():
     job["spec"]["entrypoint"] += " train.num_worker=3"
     with pytest.raises(AssertionError, match="rejects the entrypoint"):
         parse_entrypoint(docs, job)
+
+
+def _job(docs: tuple[dict, ...], script: str) -> dict:
+    (job,) = [j for j in by_kind(docs, "RayJob") if f"/jobs/{script}.py " in j["spec"]["entrypoint"]]
+    return copy.deepcopy(job)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("tune.scheduler=hyperband", "tune.scheduler must be"),  # parses (a str) but no such scheduler
+        ("tune.grace_period=50", "exceeds train.steps"),  # ASHA could never stop a trial
+        ("tune.search=bayes", "tune.search must be"),
+        ("tune.kinds=[audio]", "unknown kind"),
+        ("tune.workers_per_trial=4", "does not fit the Ray cluster"),  # 4 worker CPUs, 1 kept for data
+    ],
+)
+def test_entrypoint_check_catches_a_bad_sweep(override, message):
+    docs = render("base")
+    job = _job(docs, "tune_mixing")
+    job["spec"]["entrypoint"] += f" {override}"
+    with pytest.raises(AssertionError, match=message):
+        parse_entrypoint(docs, job)
+
+
+def test_sweep_length_check_catches_inherited_pretraining_steps():
+    """Without the gpu overlay's trial-length overrides, each of the 16 trials would run 100k steps."""
+    docs = render("overlays/gpu")
+    job = _job(docs, "tune_mixing")
+    base = _job(render("base"), "tune_mixing")["spec"]["entrypoint"]
+    assert job["spec"]["entrypoint"].startswith(base + " "), "the gpu sweep should only append overrides"
+    job["spec"]["entrypoint"] = base
+    _, sweep = parse_entrypoint(docs, job)
+    _, pretrain = parse_entrypoint(docs, _job(docs, "pretrain"))
+    assert pretrain.train.steps == 100_000 and sweep.train.steps == pretrain.train.steps
+    with pytest.raises(AssertionError, match="override train.steps for the sweep"):
+        assert_sweep_is_short("overlays/gpu", job, sweep, pretrain)
 
 
 def test_versions_agree():
@@ -281,6 +381,11 @@ def test_no_secret_values_and_only_known_secret_refs(name):
         assert not re.search(pattern, text, flags=re.I), f"{name}: rendered manifests match {pattern}"
     readme = (ROOT / "infra" / "README.md").read_text()
     for doc in docs:
+        auth_secret = (cluster_spec(doc) or {}).get("authOptions", {}).get("secretName")
+        if auth_secret:
+            assert auth_secret in SECRETS, f"{name}: {doc['metadata']['name']}: unknown Secret {auth_secret}"
+            create = rf"secret generic {auth_secret}\s*\\?\s*--from-literal={RAY_AUTH_KEY}="
+            assert re.search(create, readme), f"README does not create {auth_secret} with key {RAY_AUTH_KEY}"
         for pod in pods(doc):
             for container in pod.spec["containers"]:
                 for env in container.get("env", []):
@@ -293,8 +398,64 @@ def test_no_secret_values_and_only_known_secret_refs(name):
                         assert f"secret generic {ref['name']}" in readme, f"README creates no {ref['name']}"
 
 
+def auth_problems(doc: dict) -> list[str]:
+    """Why a RayJob or RayCluster would not run with KubeRay-managed Ray token auth ([] if it would).
+
+    With ``authOptions`` KubeRay (>= 1.6 for ``secretName``) injects RAY_AUTH_MODE/RAY_AUTH_TOKEN into the
+    Ray containers, their wait-gcs-ready init containers and the RayJob submitter, and its own dashboard
+    client sends the token when it polls the job (GetJobInfo); without it the operator's requests are
+    rejected, so a RayJob never sees its job finish, shut down or reach its TTL.
+    """
+    where = f"{doc['kind']}/{doc['metadata']['name']}"
+    auth = cluster_spec(doc).get("authOptions") or {}
+    problems = []
+    if auth.get("mode") != "token":
+        problems.append(f"{where}: authOptions.mode is {auth.get('mode')!r}, not 'token'")
+    if auth.get("secretName") != RAY_AUTH_SECRET:
+        problems.append(
+            f"{where}: authOptions.secretName is {auth.get('secretName')!r}, not {RAY_AUTH_SECRET}"
+        )
+    if auth.get("enableK8sTokenAuth"):
+        problems.append(
+            f"{where}: enableK8sTokenAuth is unsupported for RayJobs and not what the README sets up"
+        )
+    if doc["kind"] == "RayJob" and doc["spec"].get("submissionMode", "K8sJobMode") != "K8sJobMode":
+        problems.append(f"{where}: the submitter pod template (and its token injection) is K8sJobMode only")
+    for pod in pods(doc):
+        for c in pod.spec["containers"] + pod.spec.get("initContainers", []):
+            for env in OPERATOR_AUTH_ENV & {e["name"] for e in c.get("env", [])}:
+                problems.append(
+                    f"{pod.where} container {c['name']} sets {env}: KubeRay sets it from authOptions"
+                )
+    return problems
+
+
 @pytest.mark.parametrize("name", KUSTOMIZATIONS)
-def test_pods_are_hardened_sized_and_authenticated(name):
+def test_ray_clusters_use_kuberay_token_auth(name):
+    docs = [d for d in render(name) if cluster_spec(d) is not None]
+    assert len(docs) == 3, f"{name}: expected two RayJobs and the interactive RayCluster"
+    problems = [p for doc in docs for p in auth_problems(doc)]
+    assert not problems, f"{name}:\n  " + "\n  ".join(problems)
+
+
+def test_auth_check_catches_missing_auth_options_and_a_second_token_source():
+    job = copy.deepcopy(by_kind(render("base"), "RayJob")[0])
+    assert not auth_problems(job)
+    job["spec"]["rayClusterSpec"]["authOptions"]["secretName"] = "ray-auth"
+    assert any("secretName" in p for p in auth_problems(job))
+    del job["spec"]["rayClusterSpec"]["authOptions"]
+    assert any("authOptions.mode" in p for p in auth_problems(job))
+    (cluster,) = copy.deepcopy(by_kind(render("base"), "RayCluster"))
+    token = {
+        "name": "RAY_AUTH_TOKEN",
+        "valueFrom": {"secretKeyRef": {"name": RAY_AUTH_SECRET, "key": RAY_AUTH_KEY}},
+    }
+    cluster["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]["env"].append(token)
+    assert any("sets RAY_AUTH_TOKEN" in p for p in auth_problems(cluster))
+
+
+@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def test_pods_are_hardened_and_sized(name):
     for doc in render(name):
         if doc["kind"] == "RayJob":
             assert doc["spec"]["shutdownAfterJobFinishes"] is True
@@ -311,11 +472,6 @@ def test_pods_are_hardened_sized_and_authenticated(name):
                     for resource, amount in c["resources"][bound].items():
                         ceiling = c["resources"]["limits"].get(resource, amount)
                         assert quantity(amount) <= quantity(ceiling), f"{where}: {resource}"
-                env = {e["name"]: e for e in c.get("env", [])}
-                if pod.role != "server":
-                    assert env["RAY_AUTH_MODE"]["value"] == "token", where
-                    ref = env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]
-                    assert (ref["name"], ref["key"]) == ("ray-auth-token", "auth_token"), where
 
 
 @pytest.mark.parametrize("name", KUSTOMIZATIONS)

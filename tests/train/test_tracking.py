@@ -80,3 +80,12 @@ def test_child_run_of_a_sweep(uri):
         uri, MLflowConfig(experiment="t", parent_run_id=parent), "/sweep/t0", "t0"
     )
     assert MlflowClient(uri).get_run(child).data.tags["mlflow.parentRunId"] == parent
+
+
+def test_git_commit_outside_a_checkout_comes_from_the_submitter(tmp_path, monkeypatch):
+    from pipeline.train.tracking import git_commit
+
+    monkeypatch.delenv("FLAVA_GIT_COMMIT", raising=False)
+    assert git_commit(tmp_path) == "unknown"
+    monkeypatch.setenv("FLAVA_GIT_COMMIT", "0123abc")
+    assert git_commit(tmp_path) == "0123abc"

@@ -1,0 +1,1 @@
+"""Fault drills: real faults injected into real pretraining runs (``jobs/fault_drill.py``, tests/faults)."""

@@ -1,0 +1,45 @@
+"""The per-kind reader thread of the mixed stream, without Ray: order, errors, shutdown."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from pipeline.data.stream import ReadAhead
+
+
+def counting(n: int, fail_at: int | None = None, closed: threading.Event | None = None):
+    try:
+        for i in range(n):
+            if i == fail_at:
+                raise OSError(f"item {i} unreadable")
+            yield i
+    finally:
+        if closed is not None:
+            closed.set()
+
+
+@pytest.mark.parametrize("depth", [0, 1, 4])
+def test_items_arrive_in_order_whatever_the_depth(depth):
+    reader = ReadAhead(counting(20), depth)
+    assert [reader.get() for _ in range(20)] == list(range(20))
+    reader.close()
+
+
+def test_a_source_error_is_raised_where_the_item_is_taken():
+    reader = ReadAhead(counting(10, fail_at=3), depth=4)
+    assert [reader.get() for _ in range(3)] == [0, 1, 2]
+    with pytest.raises(OSError, match="item 3 unreadable"):
+        reader.get()
+
+
+def test_it_reads_ahead_only_depth_items_and_close_ends_the_source():
+    closed = threading.Event()
+    reader = ReadAhead(counting(1000, closed=closed), depth=3)
+    time.sleep(0.3)
+    assert reader._queue.qsize() == 3  # bounded: the thread waits for the consumer
+    assert reader.get() == 0
+    reader.close()
+    assert closed.wait(5) and not reader._thread.is_alive()

@@ -1,0 +1,120 @@
+"""Fault injection against real processes: the shared local Ray cluster, a moto S3 server that goes away,
+a token-auth ``ray start --head`` for ``ray job submit``, a real MLflow sqlite store.
+
+Each test runs one scenario of ``pipeline.drills.faults`` (the same code as ``jobs/fault_drill.py``) and
+asserts its outcome; every wait inside a scenario is bounded, so a regression fails instead of hanging.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline.drills import faults
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def ws(ray_cluster, tmp_path_factory) -> faults.Workspace:
+    return faults.prepare_workspace(tmp_path_factory.mktemp("drills"))
+
+
+@pytest.fixture(scope="module")
+def flaky_s3() -> faults.FlakyS3:
+    return faults.FlakyS3()
+
+
+def assert_recovered(result: faults.DrillResult, max_redone: int) -> None:
+    assert result.passed, result
+    assert result.samples_lost == 0 and result.details["doubled"] == 0, result
+    assert result.details["mlflow_runs"] == 1, result
+    assert result.steps_redone <= max_redone, result  # only the steps since the last checkpoint
+
+
+def test_a_killed_worker_is_replaced_and_the_run_resumes_without_losing_samples(ws):
+    result = faults.kill_worker(ws)
+    assert_recovered(result, max_redone=4)  # checkpoint_every=4
+    assert result.recover_s is not None
+
+
+def test_a_stuck_worker_becomes_an_error_and_a_restart_within_the_collective_timeout(ws):
+    result = faults.stuck_worker(ws, timeout_s=10)
+    assert_recovered(result, max_redone=4)
+    assert 10 <= result.recover_s <= result.details["bound_s"], result
+
+
+def test_a_cut_checkpoint_is_never_resumed_from(ws):
+    result = faults.cut_checkpoint(ws)
+    assert result.passed, result
+    assert result.steps_redone == 4, result  # steps 5..8 again, from the complete step-4 checkpoint
+    assert result.samples_lost == 0
+
+
+def test_an_altered_shard_is_an_error_naming_it_before_training(ws):
+    result = faults.altered_shard(ws)
+    assert result.passed, result
+    assert "names the file: True" in result.observed
+
+
+def test_a_truncated_shard_and_corrupt_images_are_skipped_and_counted(ws):
+    result = faults.skipped_input(ws)
+    assert result.passed, result
+    assert result.samples_lost == 0
+
+
+def test_a_short_s3_outage_is_ridden_out_without_a_restart(ws, flaky_s3):
+    result = faults.s3_outage(ws, flaky_s3, outage_s=6)
+    assert result.passed, result
+    assert result.steps_redone == 0 and result.samples_lost == 0, result
+
+
+def test_s3_that_stays_away_ends_the_run_with_a_clear_error_in_bounded_time(ws, flaky_s3):
+    result = faults.s3_gone(ws, flaky_s3, attempts=4, bound_s=180)
+    assert result.passed, result
+    assert "NETWORK_CONNECTION" in result.details["message"] or "S3" in result.details["message"]
+
+
+@pytest.fixture(scope="module")
+def stopped_job(ws, ray_head, flaky_s3) -> faults.DrillResult:
+    return faults.job_stop(ws, ray_head, flaky_s3)
+
+
+def test_ray_job_stop_keeps_the_checkpoint_and_a_resubmission_resumes(stopped_job):
+    result = stopped_job
+    assert result.passed, result
+    assert result.samples_lost == 0 and result.details["mlflow_runs"] == 1
+    assert "MLflow run KILLED" in result.observed  # SIGTERM closed the run; the resubmission reopened it
+
+
+def test_secrets_never_reach_logs_mlflow_or_storage(ws, ray_head, flaky_s3, stopped_job):
+    result = faults.secrets_kept(ws, ray_head, flaky_s3, stopped_job.details["jobs"])
+    assert result.passed, result
+    assert result.details["sources"] > 10  # job logs, Ray's logs, MLflow, storage were all read
+
+
+def test_leak_scan_finds_a_planted_secret():
+    """The oracle of the secrets drill: it must see a value wherever it is."""
+    secrets = {"AWS_SECRET_ACCESS_KEY": "s3cr3t-value"}
+    sources = [("clean", b"nothing here"), ("dirty", b"...s3cr3t-value...")]
+    assert faults.leaked(secrets, sources) == ["AWS_SECRET_ACCESS_KEY in dirty"]
+
+
+def test_drill_table_has_a_row_per_scenario_and_a_closing_count():
+    rows = [
+        faults.DrillResult("a", "x", "y", True, 1, 0, 2.0),
+        faults.DrillResult("b", "x", "y|z", False),
+    ]
+    table = faults.format_table(rows)
+    assert sum(line.startswith("| ") for line in table.splitlines()) == 3 and "y/z" in table
+    assert table.endswith("1 passed, 1 failed")
+
+
+def test_drill_command_rejects_an_unknown_scenario():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fault_drill", faults.ROOT / "jobs" / "fault_drill.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--only", "kill_worker,no_such_drill"])
+    assert exit_info.value.code == 2
