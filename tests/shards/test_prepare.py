@@ -218,3 +218,68 @@ def test_prepare_data_job_rejects_bad_paths(tmp_path, capsys):
     assert f"input not found: {tmp_path}/nope" in capsys.readouterr().err
     assert main(["--dry-run", "prepare.source=image_folder", f"prepare.inputs=[{tmp_path}]"]) == 2
     assert "prepare.output is empty" in capsys.readouterr().err
+
+
+def _image_folder(root, n: int) -> None:
+    root.mkdir(parents=True)
+    for i in range(n):
+        (root / f"img{i:03d}.png").write_bytes(image_bytes(300 + i))
+
+
+def _job_argv(raw, out) -> list[str]:
+    return [
+        "prepare.source=image_folder",
+        f"prepare.inputs=[{raw}]",
+        f"prepare.output={out}",
+        "prepare.image_size=32",
+        "prepare.min_image_size=16",
+        "prepare.codebook_hidden_size=16",
+        "prepare.shard_rows=8",
+    ]
+
+
+@pytest.mark.parametrize("strict", ["--strict", "prepare.strict=true"])
+def test_prepare_data_job_strict_fails_on_a_corrupt_image(ray_cluster, tmp_path, capsys, strict):
+    """Found by a worker (decode): the job returns non-zero, names the input and writes no manifest."""
+    from jobs.prepare_data import main
+
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    _image_folder(raw, 3)
+    (raw / "img001b.png").write_bytes(b"\x89PNG\r\n\x1a\nnot a picture")
+    assert main([strict, *_job_argv(raw, out)]) == 2
+    err = capsys.readouterr().err
+    assert f"prepare_data: {raw / 'img001b.png'}: corrupt_image (strict mode" in err
+    assert not (out / fmt.MANIFEST_NAME).exists()
+    assert not list(out.glob("*.parquet"))  # its one shard holds the bad input: not written
+
+
+def test_prepare_data_job_strict_fails_at_listing(tmp_path, capsys):
+    """Found while listing (a second file of the same key): fails before any Ray work, naming it."""
+    from jobs.prepare_data import main
+
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    _image_folder(raw, 3)
+    (raw / "img002.jpg").write_bytes(image_bytes(9, fmt="JPEG"))  # img002.jpg sorts first and wins
+    assert main(["--strict", *_job_argv(raw, out)]) == 2
+    assert f"{raw / 'img002.png'}: duplicate_key (strict mode" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_random_init_codebook_warns_loudly_and_is_recorded(ray_cluster, tmp_path, caplog):
+    import logging
+
+    _image_folder(tmp_path / "raw", 3)
+    prep = small_prep(
+        source="image_folder", inputs=[str(tmp_path / "raw")], output=str(tmp_path / "out"), codebook_seed=7
+    )
+    assert prep.codebook == ""
+    with caplog.at_level(logging.WARNING, logger="pipeline.shards.codebook"):
+        prepare(prep, LOCAL)
+    (record,) = [r for r in caplog.records if r.name == "pipeline.shards.codebook"]
+    message = record.getMessage()
+    assert record.levelno == logging.WARNING
+    assert "NO CODEBOOK WEIGHTS GIVEN" in message and "RANDOMLY" in message
+    assert "random-init(7)" in message and "prepare.codebook=" in message
+    manifest = fmt.verify_dataset(str(tmp_path / "out"), LOCAL)
+    assert manifest.codebook.identity == "random-init(7)"
+    assert manifest.codebook.name == "flava-image-codebook(hidden_size=16)"
