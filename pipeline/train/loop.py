@@ -24,6 +24,7 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 from ray.train import Checkpoint
+from ray.train.v2._internal.execution import context as train_context
 from torch.distributed._composable import checkpoint as activation_checkpoint
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.fsdp import register_fsdp_forward_method
@@ -386,7 +387,8 @@ def train_loop_per_worker(loop_config: dict) -> None:
     pipeline.data StreamSpec, "mlflow_run_id": str}, all fixed by the driver (``launch.build_trainer``)."""
     config = from_dict(loop_config["config"])
     # Ray logs every report with all its metrics at INFO: the progress lines already say it, once
-    logging.getLogger("ray.train.v2._internal.execution.context").setLevel(logging.WARNING)
+    # (that module names its logger by file path, not by module name)
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
     log.setLevel(logging.INFO)
     device = ray.train.torch.get_device()
     if device.type == "cpu":  # as many intra-op threads as CPUs reserved for the worker, no more
