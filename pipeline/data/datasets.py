@@ -89,17 +89,13 @@ def check_shards(
     manifest = shard_format.read_manifest(dataset, storage_cfg)
 
     def problem(entry: ShardEntry) -> str | None:
-        uri = storage.join(dataset, entry.file)
-        size = storage.file_size(uri, storage_cfg)
-        if size is None:
-            return f"{uri}: listed in the manifest but missing"
-        if size != entry.bytes:
-            return f"{uri}: {size} bytes but the manifest recorded {entry.bytes} (truncated or rewritten)"
-        if checksums:
-            try:
-                shard_format.check_shard_bytes(dataset, entry, storage.read_bytes(uri, storage_cfg))
-            except ShardIntegrityError as e:
-                return str(e)
+        try:
+            shard_format.check_shard_size(dataset, entry, storage_cfg)
+            if checksums:
+                data = storage.read_bytes(storage.join(dataset, entry.file), storage_cfg)
+                shard_format.check_shard_bytes(dataset, entry, data)
+        except ShardIntegrityError as e:
+            return str(e)
         return None
 
     with ThreadPoolExecutor(max_workers=8) as pool:

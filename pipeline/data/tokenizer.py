@@ -118,12 +118,8 @@ def train_tokenizer(texts: Iterator[str], vocab_size: int, max_length: int) -> W
 def _text_column(dataset: str, entry: shard_format.ShardEntry, config: Config) -> list[str]:
     """One shard's captions, reading only that column; its size is checked against the manifest (the
     checksum of the whole shard is the dataset builder's job: reading images here would cost too much)."""
+    shard_format.check_shard_size(dataset, entry, config.storage)
     uri = storage.join(dataset, entry.file)
-    size = storage.file_size(uri, config.storage)
-    if size != entry.bytes:
-        raise shard_format.ShardIntegrityError(
-            f"{uri}: {size} bytes but the manifest recorded {entry.bytes} (truncated or rewritten)"
-        )
     fs, path = storage.resolve(uri, config.storage)
     try:
         return pq.read_table(path, columns=["text"], filesystem=fs).column("text").to_pylist()

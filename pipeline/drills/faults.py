@@ -163,6 +163,12 @@ def latest_checkpoint(config: Config) -> ckpt.Found | None:
     return ckpt.find_latest(fs, path)
 
 
+def checkpoint_step(config: Config) -> int:
+    """Step of the run's newest complete checkpoint (0 before the first)."""
+    found = latest_checkpoint(config)
+    return found.step if found else 0
+
+
 def _resolved(config: Config) -> Config:
     from pipeline.train.launch import resolve_paths
 
@@ -221,10 +227,6 @@ def train_worker_pids() -> list[int]:
     return sorted(pids)
 
 
-def _first_line(error: BaseException) -> str:
-    return failure_summary(error)[:300]
-
-
 # --- scenarios ----------------------------------------------------------------------------------------
 
 
@@ -245,7 +247,7 @@ def _train_through_fault(
         lambda: (
             run.done
             or (
-                (latest_checkpoint(config) or ckpt.Found(0, "", {})).step >= after_checkpoint
+                checkpoint_step(config) >= after_checkpoint
                 and last_logged_step(config) >= after_checkpoint + 2
             )
         ),
@@ -253,12 +255,14 @@ def _train_through_fault(
         f"{name}: checkpoint {after_checkpoint} and two more steps",
     )
     if run.done:
-        raise RuntimeError(f"{name}: the run ended before the fault ({_first_line(run.error)})")
+        raise RuntimeError(f"{name}: the run ended before the fault ({failure_summary(run.error)})")
     fault_step, fault_at = last_logged_step(config), time.time()
     inject()
     result = run.join(timeout_s)
     if run.error is not None:
-        raise RuntimeError(f"{name}: the run failed after the fault: {_first_line(run.error)}") from run.error
+        raise RuntimeError(
+            f"{name}: the run failed after the fault: {failure_summary(run.error)}"
+        ) from run.error
     return config, result, fault_at, fault_step
 
 
@@ -420,7 +424,7 @@ def altered_shard(ws: Workspace) -> DrillResult:
     try:
         run_pretraining(config)
     except Exception as e:
-        message = _first_line(e)
+        message = failure_summary(e)
         named = str(path) in str(e)
         return DrillResult(
             "shard altered after its manifest (policy: error)",
@@ -560,7 +564,7 @@ def s3_outage(ws: Workspace, s3: FlakyS3, outage_s: float = 6.0) -> DrillResult:
     config = _s3_config(ws, s3, "s3-outage", "train.steps=24", "train.max_failures=0")
     run = Background(config)
     wait_for(
-        lambda: run.done or (latest_checkpoint(config) or ckpt.Found(0, "", {})).step >= 4,
+        lambda: run.done or checkpoint_step(config) >= 4,
         300,
         "s3-outage: the first checkpoint on S3",
     )
@@ -573,7 +577,7 @@ def s3_outage(ws: Workspace, s3: FlakyS3, outage_s: float = 6.0) -> DrillResult:
         return DrillResult(
             f"S3 away for {outage_s:.0f} s",
             "retried with backoff; the run goes on and finishes",
-            f"the run failed: {_first_line(run.error)}",
+            f"the run failed: {failure_summary(run.error)}",
             passed=False,
         )
     out = _judge_recovery(
@@ -600,7 +604,7 @@ def s3_gone(ws: Workspace, s3: FlakyS3, attempts: int = 4, bound_s: float = 180)
     )
     run = Background(config)
     wait_for(
-        lambda: run.done or (latest_checkpoint(config) or ckpt.Found(0, "", {})).step >= 4,
+        lambda: run.done or checkpoint_step(config) >= 4,
         300,
         "s3-gone: the first checkpoint on S3",
     )
@@ -611,7 +615,7 @@ def s3_gone(ws: Workspace, s3: FlakyS3, attempts: int = 4, bound_s: float = 180)
     finally:
         s3.start()
     took = round(time.time() - fault_at, 1)
-    message = _first_line(run.error) if run.error is not None else "the run finished"
+    message = failure_summary(run.error) if run.error is not None else "the run finished"
     names_storage = bool(re.search(r"S3|AWS|s3://|NETWORK_CONNECTION", message))
     return DrillResult(
         f"S3 away for good (storage.s3_max_attempts={attempts})",
@@ -674,10 +678,7 @@ def job_stop(ws: Workspace, head, s3: FlakyS3) -> DrillResult:
     wait_for(
         lambda: (
             _job_status(head, first) in ("FAILED", "SUCCEEDED")
-            or (
-                (latest_checkpoint(config) or ckpt.Found(0, "", {})).step >= 8
-                and last_logged_step(config) >= 10
-            )
+            or (checkpoint_step(config) >= 8 and last_logged_step(config) >= 10)
         ),
         400,
         "job-stop: checkpoint 8 of the submitted job",
@@ -822,7 +823,7 @@ def _guarded(name: str, drill: Callable[[], DrillResult]) -> DrillResult:
     try:
         result = drill()
     except Exception as e:
-        result = DrillResult(name, "(the drill itself)", f"drill error: {_first_line(e)}", passed=False)
+        result = DrillResult(name, "(the drill itself)", f"drill error: {failure_summary(e)}", passed=False)
     result.details["wall_s"] = round(time.time() - started, 1)
     print(f"[drill] {name}: {'ok' if result.passed else 'FAILED'} ({result.details['wall_s']} s)", flush=True)
     return result

@@ -167,20 +167,27 @@ def check_shard_bytes(dataset: str, entry: ShardEntry, data: bytes) -> None:
         raise ShardIntegrityError(f"{where}: sha256 differs from the manifest (altered after it was written)")
 
 
+def check_shard_size(dataset: str, entry: ShardEntry, storage_cfg: StorageConfig) -> None:
+    """Raises naming the shard when it is missing or its size is not the one the manifest recorded (one
+    metadata call: the cheap check, made before any shard is read)."""
+    uri = storage.join(dataset, entry.file)
+    size = storage.file_size(uri, storage_cfg)
+    if size is None:
+        raise ShardIntegrityError(f"{uri}: listed in the manifest but missing")
+    if size != entry.bytes:
+        raise ShardIntegrityError(
+            f"{uri}: {size} bytes but the manifest recorded {entry.bytes} (truncated or rewritten)"
+        )
+
+
 def verify_dataset(dataset: str, storage_cfg: StorageConfig, checksums: bool = True) -> Manifest:
     """Checks every shard against the manifest: existence and size always, sha256 when ``checksums``."""
     manifest = read_manifest(dataset, storage_cfg)
     for entry in manifest.shards:
-        uri = storage.join(dataset, entry.file)
-        size = storage.file_size(uri, storage_cfg)
-        if size is None:
-            raise ShardIntegrityError(f"{uri}: listed in the manifest but missing")
-        if size != entry.bytes:
-            raise ShardIntegrityError(
-                f"{uri}: {size} bytes but the manifest recorded {entry.bytes} (truncated or rewritten)"
-            )
+        check_shard_size(dataset, entry, storage_cfg)
         if checksums:
-            check_shard_bytes(dataset, entry, storage.read_bytes(uri, storage_cfg))
+            data = storage.read_bytes(storage.join(dataset, entry.file), storage_cfg)
+            check_shard_bytes(dataset, entry, data)
     return manifest
 
 

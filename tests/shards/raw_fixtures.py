@@ -131,3 +131,16 @@ def text_files(root: Path) -> dict[str, str]:
         "docs.jsonl:1": "a json document",
         "docs.jsonl:4": "another document",
     }
+
+
+def image_folder_job_argv(raw, out, shard_rows: int = 8) -> list[str]:
+    """``jobs/prepare_data.py`` overrides for a small image folder: 32 px, a narrow random codebook."""
+    return [
+        "prepare.source=image_folder",
+        f"prepare.inputs=[{raw}]",
+        f"prepare.output={out}",
+        "prepare.image_size=32",
+        "prepare.min_image_size=16",
+        "prepare.codebook_hidden_size=16",
+        f"prepare.shard_rows={shard_rows}",
+    ]

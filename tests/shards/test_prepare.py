@@ -9,7 +9,15 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from raw_fixtures import BAD_PAIRS, captioned_folder, image_bytes, small_prep, text_files, webdataset_tar
+from raw_fixtures import (
+    BAD_PAIRS,
+    captioned_folder,
+    image_bytes,
+    image_folder_job_argv,
+    small_prep,
+    text_files,
+    webdataset_tar,
+)
 
 from pipeline.config import StorageConfig
 from pipeline.shards import format as fmt
@@ -226,18 +234,6 @@ def _image_folder(root, n: int) -> None:
         (root / f"img{i:03d}.png").write_bytes(image_bytes(300 + i))
 
 
-def _job_argv(raw, out) -> list[str]:
-    return [
-        "prepare.source=image_folder",
-        f"prepare.inputs=[{raw}]",
-        f"prepare.output={out}",
-        "prepare.image_size=32",
-        "prepare.min_image_size=16",
-        "prepare.codebook_hidden_size=16",
-        "prepare.shard_rows=8",
-    ]
-
-
 @pytest.mark.parametrize("strict", ["--strict", "prepare.strict=true"])
 def test_prepare_data_job_strict_fails_on_a_corrupt_image(ray_cluster, tmp_path, capsys, strict):
     """Found by a worker (decode): the job returns non-zero, names the input and writes no manifest."""
@@ -246,7 +242,7 @@ def test_prepare_data_job_strict_fails_on_a_corrupt_image(ray_cluster, tmp_path,
     raw, out = tmp_path / "raw", tmp_path / "out"
     _image_folder(raw, 3)
     (raw / "img001b.png").write_bytes(b"\x89PNG\r\n\x1a\nnot a picture")
-    assert main([strict, *_job_argv(raw, out)]) == 2
+    assert main([strict, *image_folder_job_argv(raw, out)]) == 2
     err = capsys.readouterr().err
     assert f"prepare_data: {raw / 'img001b.png'}: corrupt_image (strict mode" in err
     assert not (out / fmt.MANIFEST_NAME).exists()
@@ -260,7 +256,7 @@ def test_prepare_data_job_strict_fails_at_listing(tmp_path, capsys):
     raw, out = tmp_path / "raw", tmp_path / "out"
     _image_folder(raw, 3)
     (raw / "img002.jpg").write_bytes(image_bytes(9, fmt="JPEG"))  # img002.jpg sorts first and wins
-    assert main(["--strict", *_job_argv(raw, out)]) == 2
+    assert main(["--strict", *image_folder_job_argv(raw, out)]) == 2
     assert f"{raw / 'img002.png'}: duplicate_key (strict mode" in capsys.readouterr().err
     assert not out.exists()
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from raw_fixtures import image_bytes
+from raw_fixtures import image_bytes, image_folder_job_argv
 
 from pipeline.config import StorageConfig
 from pipeline.shards import format as fmt
@@ -87,13 +87,7 @@ def test_sigkill_mid_run_leaves_only_complete_shards_and_a_rerun_completes(tmp_p
     cmd = [
         sys.executable,
         str(ROOT / "jobs/prepare_data.py"),
-        "prepare.source=image_folder",
-        f"prepare.inputs=[{raw}]",
-        f"prepare.output={out}",
-        "prepare.image_size=32",
-        "prepare.min_image_size=16",
-        "prepare.codebook_hidden_size=16",
-        f"prepare.shard_rows={SHARD_ROWS}",
+        *image_folder_job_argv(raw, out, shard_rows=SHARD_ROWS),
         "prepare.row_group_rows=4",
     ]
     log1, log2 = tmp_path / "first.log", tmp_path / "second.log"
