@@ -91,6 +91,7 @@ class DataConfig:
     flip_probability: float = 0.5
     shuffle_buffer: int = 256
     read_ahead: int = 4  # batches per kind a worker thread reads ahead, across epoch restarts (0: none)
+    stall_timeout_s: float = 600  # a worker waiting longer for a batch fails (storage gone); 0: no limit
     on_corrupt_shard: str = "error"  # error | skip
     verify_checksums: bool = True  # sha256 of every shard before reading (sizes are always checked)
     seed: int = 0

@@ -61,6 +61,8 @@ class StreamSpec:
     corrupt_shards: dict[str, int] = field(default_factory=dict)  # kind -> shards skipped before reading
     prefetch_batches: int = 2
     read_ahead: int = 4  # batches per kind queued by the worker's reader thread (data.read_ahead)
+    stall_timeout_s: float = 600  # data.stall_timeout_s
+    sources: dict[str, str] = field(default_factory=dict)  # kind -> dataset URI, for error messages
 
     @property
     def kinds(self) -> tuple[str, ...]:
@@ -249,6 +251,8 @@ def build_train_data(
         skip_counter=counter,
         corrupt_shards={kind: len(bad) for kind, bad in skipped_shards.items()},
         read_ahead=data.read_ahead,
+        stall_timeout_s=data.stall_timeout_s,
+        sources={kind: data.train[kind] for kind in ratios},
     )
     # every dataset is split with streaming_split(equal=True): equal rows per rank, so with drop_last all
     # ranks run out of a kind at the same step and restart its epoch together

@@ -30,15 +30,27 @@ from pipeline.data.transforms import augment_batch, batch_rng
 log = logging.getLogger(__name__)
 
 
+class DataStallError(RuntimeError):
+    """No batch within ``data.stall_timeout_s``: the worker fails (and Ray Train restarts it within
+    ``train.max_failures``) instead of waiting on storage that does not answer."""
+
+
 class ReadAhead:
     """Items of ``source`` (a kind's ``(epoch, rows)``), pulled by a daemon thread up to ``depth`` ahead,
     so that the kind's next epoch starts while queued batches still train; a source error is raised where
-    the item is taken. ``depth`` 0 pulls in the caller's thread (no read-ahead)."""
+    the item is taken. ``depth`` 0 pulls in the caller's thread (no read-ahead, no stall timeout).
 
-    def __init__(self, source: Iterator, depth: int):
+    Ray Data retries a read that fails with a network error for minutes (10 attempts with backoff, at
+    every level of the read), so storage that went away would otherwise hang the step: a wait of more than
+    ``stall_timeout_s`` (0: no limit) raises ``DataStallError`` naming ``source_name``.
+    """
+
+    def __init__(self, source: Iterator, depth: int, stall_timeout_s: float = 0, source_name: str = "data"):
         self._source = source
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
         self._closed = threading.Event()
+        self._stall_timeout_s = stall_timeout_s or None
+        self._source_name = source_name
         self._thread = None
         if depth > 0:
             self._thread = threading.Thread(target=self._pull, daemon=True)
@@ -61,7 +73,16 @@ class ReadAhead:
             self._source.close()  # ends the Ray Data execution of an epoch left unfinished
 
     def get(self):
-        item = self._queue.get() if self._thread is not None else next(self._source)
+        if self._thread is None:
+            item = next(self._source)
+        else:
+            try:
+                item = self._queue.get(timeout=self._stall_timeout_s)
+            except queue.Empty:
+                raise DataStallError(
+                    f"no batch from {self._source_name} within {self._stall_timeout_s:g} s "
+                    "(data.stall_timeout_s): is its storage reachable?"
+                ) from None
         if isinstance(item, BaseException):
             raise item
         return item
@@ -162,7 +183,10 @@ class MixedStream:
         reader = self._readers[kind]
         if reader is None:
             reader = self._readers[kind] = ReadAhead(
-                self._epochs(kind, self._epoch[kind]), self.spec.read_ahead
+                self._epochs(kind, self._epoch[kind]),
+                self.spec.read_ahead,
+                self.spec.stall_timeout_s,
+                f"the {kind} dataset {self.spec.sources.get(kind, '')}".rstrip(),
             )
         epoch, rows = reader.get()
         # every rank runs out at this same step (equal splits, drop_last), so all restart together

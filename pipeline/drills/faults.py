@@ -10,6 +10,7 @@ and the time to recover. ``jobs/fault_drill.py`` prints them as a table; tests/f
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -210,6 +211,26 @@ class Background:
             raise TimeoutError(f"the run did not end within {timeout_s:.0f} s")
         return self.result
 
+    def __enter__(self) -> Background:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        """A run still going when the scenario ends (a wait that timed out) is killed, so that it cannot
+        hold the cluster, its workers and its storage for the next drill."""
+        if self._thread.is_alive():
+            kill_train_controllers()
+            self._thread.join(60)
+
+
+def kill_train_controllers() -> None:
+    """SIGKILL of every live Ray Train controller of the connected cluster; their workers die with them."""
+    from ray.util.state import list_actors
+
+    alive = list_actors(filters=[("class_name", "=", "TrainController"), ("state", "=", "ALIVE")])
+    for actor in alive:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(actor.pid, signal.SIGKILL)
+
 
 def train_worker_pids() -> list[int]:
     """PIDs of the live Ray Train workers on this machine (Ray titles their processes ray::RayTrainWorker)."""
@@ -242,23 +263,23 @@ def _train_through_fault(
     """Starts a run, injects the fault once the ``after_checkpoint`` checkpoint is complete and two
     more steps were trained, waits for the run to end. Returns (config, result, fault time, step then)."""
     config = ws.config(name, f"train.steps={steps}", *extra)
-    run = Background(config)
-    wait_for(
-        lambda: (
-            run.done
-            or (
-                checkpoint_step(config) >= after_checkpoint
-                and last_logged_step(config) >= after_checkpoint + 2
-            )
-        ),
-        timeout_s,
-        f"{name}: checkpoint {after_checkpoint} and two more steps",
-    )
-    if run.done:
-        raise RuntimeError(f"{name}: the run ended before the fault ({failure_summary(run.error)})")
-    fault_step, fault_at = last_logged_step(config), time.time()
-    inject()
-    result = run.join(timeout_s)
+    with Background(config) as run:
+        wait_for(
+            lambda: (
+                run.done
+                or (
+                    checkpoint_step(config) >= after_checkpoint
+                    and last_logged_step(config) >= after_checkpoint + 2
+                )
+            ),
+            timeout_s,
+            f"{name}: checkpoint {after_checkpoint} and two more steps",
+        )
+        if run.done:
+            raise RuntimeError(f"{name}: the run ended before the fault ({failure_summary(run.error)})")
+        fault_step, fault_at = last_logged_step(config), time.time()
+        inject()
+        result = run.join(timeout_s)
     if run.error is not None:
         raise RuntimeError(
             f"{name}: the run failed after the fault: {failure_summary(run.error)}"
@@ -503,17 +524,23 @@ def skipped_input(ws: Workspace) -> DrillResult:
 
 
 class FlakyS3:
-    """A moto S3 server on a fixed port that can go away and come back with its objects (moto keeps
-    them in this process, so a restarted server serves what the stopped one held)."""
+    """A moto S3 server behind a link that can be cut (``stop``) and restored (``start``): clients see
+    their open connections reset and new ones refused, and afterwards the same objects (the server
+    itself never stops)."""
 
     BUCKET = "drills"
 
     def __init__(self):
-        from pipeline.drills.head import free_ports
+        from moto.server import ThreadedMotoServer
 
-        self.port = free_ports(1)[0]
+        from pipeline.drills.head import free_ports
+        from pipeline.drills.netcut import CuttableLink, port_outside_ephemeral_range
+
+        self.port, server_port = port_outside_ephemeral_range(), free_ports(1)[0]
         self.url = f"http://127.0.0.1:{self.port}"
-        self._server = None
+        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=server_port, verbose=False)
+        self._server.start()
+        self._link = CuttableLink(self.port, server_port)
         self.start()
         import boto3
 
@@ -522,15 +549,10 @@ class FlakyS3:
             s3.create_bucket(Bucket=self.BUCKET)
 
     def start(self) -> None:
-        from moto.server import ThreadedMotoServer
-
-        self._server = ThreadedMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
-        self._server.start()
+        self._link.restore()
 
     def stop(self) -> None:
-        """Connections are refused from now on (moto's stop() alone leaves the socket listening)."""
-        self._server.stop()
-        self._server._server.server_close()
+        self._link.cut()
 
     def upload(self, local: Path, key: str) -> str:
         fs = storage.s3_filesystem(StorageConfig(s3_endpoint_url=self.url))
@@ -562,17 +584,17 @@ def s3_outage(ws: Workspace, s3: FlakyS3, outage_s: float = 6.0) -> DrillResult:
     """The S3 endpoint (data and checkpoints) goes away for ``outage_s`` mid-run and comes back: calls are
     retried with backoff, the run goes on without a restart and finishes."""
     config = _s3_config(ws, s3, "s3-outage", "train.steps=24", "train.max_failures=0")
-    run = Background(config)
-    wait_for(
-        lambda: run.done or checkpoint_step(config) >= 4,
-        300,
-        "s3-outage: the first checkpoint on S3",
-    )
-    fault_at, fault_step = time.time(), last_logged_step(config)
-    s3.stop()
-    time.sleep(outage_s)
-    s3.start()
-    run.join(300)
+    with Background(config) as run:
+        wait_for(
+            lambda: run.done or checkpoint_step(config) >= 4,
+            300,
+            "s3-outage: the first checkpoint on S3",
+        )
+        fault_at, fault_step = time.time(), last_logged_step(config)
+        s3.stop()
+        time.sleep(outage_s)
+        s3.start()
+        run.join(300)
     if run.error is not None:
         return DrillResult(
             f"S3 away for {outage_s:.0f} s",
@@ -596,24 +618,33 @@ def s3_outage(ws: Workspace, s3: FlakyS3, outage_s: float = 6.0) -> DrillResult:
     return out
 
 
-def s3_gone(ws: Workspace, s3: FlakyS3, attempts: int = 4, bound_s: float = 180) -> DrillResult:
+def s3_gone(
+    ws: Workspace, s3: FlakyS3, attempts: int = 4, stall_timeout_s: float = 30, bound_s: float = 180
+) -> DrillResult:
     """The S3 endpoint goes away for good mid-run: the run ends with an error naming the storage, within
-    a time bounded by ``storage.s3_max_attempts`` and ``train.max_failures``."""
+    a time bounded by ``storage.s3_max_attempts`` (checkpoint and metadata calls), ``data.stall_timeout_s``
+    (a data read that Ray Data keeps retrying) and ``train.max_failures`` (restarts that fail again)."""
     config = _s3_config(
-        ws, s3, "s3-gone", "train.steps=400", "train.max_failures=1", f"storage.s3_max_attempts={attempts}"
+        ws,
+        s3,
+        "s3-gone",
+        "train.steps=400",
+        "train.max_failures=1",
+        f"storage.s3_max_attempts={attempts}",
+        f"data.stall_timeout_s={stall_timeout_s:g}",
     )
-    run = Background(config)
-    wait_for(
-        lambda: run.done or checkpoint_step(config) >= 4,
-        300,
-        "s3-gone: the first checkpoint on S3",
-    )
-    fault_at = time.time()
-    s3.stop()
-    try:
-        run.join(bound_s + 120)
-    finally:
-        s3.start()
+    with Background(config) as run:
+        wait_for(
+            lambda: run.done or checkpoint_step(config) >= 4,
+            300,
+            "s3-gone: the first checkpoint on S3",
+        )
+        fault_at = time.time()
+        s3.stop()
+        try:
+            run.join(bound_s + 120)
+        finally:
+            s3.start()
     took = round(time.time() - fault_at, 1)
     message = failure_summary(run.error) if run.error is not None else "the run finished"
     names_storage = bool(re.search(r"S3|AWS|s3://|NETWORK_CONNECTION", message))
@@ -670,7 +701,7 @@ def _final_metrics(config: Config) -> dict:
 def job_stop(ws: Workspace, head, s3: FlakyS3) -> DrillResult:
     """``ray job stop`` on a running pretraining job (checkpoints on S3): the last complete checkpoint stays
     intact, and submitting the same run name again resumes from it (one MLflow run, continuous steps)."""
-    name, steps = "job-stop", 40
+    name, steps = "job-stop", 24
     overrides = [*s3_overrides(ws, s3, name), f"train.steps={steps}"]
     config = load_config(TINY_CONFIG, overrides)
     first = f"drill-stop-{ws.tag}-1"

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from pipeline.data.stream import ReadAhead
+from pipeline.data.stream import DataStallError, ReadAhead
 
 
 def counting(n: int, fail_at: int | None = None, closed: threading.Event | None = None):
@@ -43,3 +43,32 @@ def test_it_reads_ahead_only_depth_items_and_close_ends_the_source():
     assert reader.get() == 0
     reader.close()
     assert closed.wait(5) and not reader._thread.is_alive()
+
+
+def test_a_source_that_stops_answering_is_an_error_naming_it_after_the_stall_timeout():
+    answer = threading.Event()
+
+    def hanging():
+        yield 0
+        answer.wait()  # storage that went away: Ray Data's own retries keep the read blocked for minutes
+        yield 1
+
+    reader = ReadAhead(hanging(), depth=2, stall_timeout_s=0.5, source_name="the image dataset s3://b/img")
+    assert reader.get() == 0
+    started = time.monotonic()
+    with pytest.raises(DataStallError, match=r"s3://b/img within 0.5 s \(data.stall_timeout_s\)"):
+        reader.get()
+    assert 0.5 <= time.monotonic() - started < 3
+    answer.set()
+    reader.close()
+
+
+def test_a_slow_source_within_the_stall_timeout_is_waited_for():
+    def slow():
+        for i in range(3):
+            time.sleep(0.3)
+            yield i
+
+    reader = ReadAhead(slow(), depth=1, stall_timeout_s=2)
+    assert [reader.get() for _ in range(3)] == [0, 1, 2]
+    reader.close()
