@@ -256,7 +256,7 @@ def _train_through_fault(
     name: str,
     inject: Callable[[], None],
     *extra: str,
-    steps: int = 24,
+    steps: int = 12,
     after_checkpoint: int = 4,
     timeout_s: float = 300,
 ) -> tuple[Config, object, float, int]:
@@ -334,7 +334,7 @@ def kill_worker(ws: Workspace) -> DrillResult:
         config,
         result.metrics,
         fault_at,
-        24,
+        config.train.steps,
     )
     out.details.update(victim_pid=victims[0], fault_step=fault_step)
     return out
@@ -362,7 +362,7 @@ def stuck_worker(ws: Workspace, timeout_s: int = 10) -> DrillResult:
         config,
         result.metrics,
         fault_at,
-        24,
+        config.train.steps,
     )
     # the timeout plus a restart, not an endless hang
     bound = timeout_s + 120
@@ -583,7 +583,7 @@ def _s3(s3: FlakyS3) -> StorageConfig:
 def s3_outage(ws: Workspace, s3: FlakyS3, outage_s: float = 6.0) -> DrillResult:
     """The S3 endpoint (data and checkpoints) goes away for ``outage_s`` mid-run and comes back: calls are
     retried with backoff, the run goes on without a restart and finishes."""
-    config = _s3_config(ws, s3, "s3-outage", "train.steps=24", "train.max_failures=0")
+    config = _s3_config(ws, s3, "s3-outage", "train.steps=12", "train.max_failures=0")
     with Background(config) as run:
         wait_for(
             lambda: run.done or checkpoint_step(config) >= 4,
@@ -608,7 +608,7 @@ def s3_outage(ws: Workspace, s3: FlakyS3, outage_s: float = 6.0) -> DrillResult:
         config,
         run.result.metrics,
         fault_at,
-        24,
+        config.train.steps,
     )
     out.passed = out.passed and out.steps_redone == 0
     out.observed += (
@@ -619,26 +619,31 @@ def s3_outage(ws: Workspace, s3: FlakyS3, outage_s: float = 6.0) -> DrillResult:
 
 
 def s3_gone(
-    ws: Workspace, s3: FlakyS3, attempts: int = 4, stall_timeout_s: float = 30, bound_s: float = 180
+    ws: Workspace,
+    s3: FlakyS3,
+    attempts: int = 4,
+    stall_timeout_s: float = 20,
+    bound_s: float = 180,
+    checkpoints_on_s3: bool = True,
 ) -> DrillResult:
     """The S3 endpoint goes away for good mid-run: the run ends with an error naming the storage, within
     a time bounded by ``storage.s3_max_attempts`` (checkpoint and metadata calls), ``data.stall_timeout_s``
-    (a data read that Ray Data keeps retrying) and ``train.max_failures`` (restarts that fail again)."""
+    (a data read that Ray Data keeps retrying) and ``train.max_failures`` (restarts that fail again).
+    With ``checkpoints_on_s3`` False only the data is there: nothing but the stall timeout can end it."""
+    name = "s3-gone" if checkpoints_on_s3 else "s3-gone-data"
+    local = () if checkpoints_on_s3 else (f"train.storage_path={ws.root / 'runs'}",)
     config = _s3_config(
         ws,
         s3,
-        "s3-gone",
+        name,
+        *local,
         "train.steps=400",
         "train.max_failures=1",
         f"storage.s3_max_attempts={attempts}",
         f"data.stall_timeout_s={stall_timeout_s:g}",
     )
     with Background(config) as run:
-        wait_for(
-            lambda: run.done or checkpoint_step(config) >= 4,
-            300,
-            "s3-gone: the first checkpoint on S3",
-        )
+        wait_for(lambda: run.done or checkpoint_step(config) >= 4, 300, f"{name}: the first checkpoint")
         fault_at = time.time()
         s3.stop()
         try:
@@ -648,14 +653,20 @@ def s3_gone(
     took = round(time.time() - fault_at, 1)
     message = failure_summary(run.error) if run.error is not None else "the run finished"
     names_storage = bool(re.search(r"S3|AWS|s3://|NETWORK_CONNECTION", message))
+    where = "data + checkpoints" if checkpoints_on_s3 else "data only, checkpoints local"
     return DrillResult(
-        f"S3 away for good (storage.s3_max_attempts={attempts})",
+        f"S3 away for good, {where} (storage.s3_max_attempts={attempts}, "
+        f"data.stall_timeout_s={stall_timeout_s:g})",
         f"the run ends with an error naming the storage within {bound_s:.0f} s",
         f"ended after {took} s: {message[:200]}",
         passed=run.error is not None and names_storage and took <= bound_s,
         recover_s=took,
         details={"message": message},
     )
+
+
+def s3_gone_data(ws: Workspace, s3: FlakyS3) -> DrillResult:
+    return s3_gone(ws, s3, checkpoints_on_s3=False)
 
 
 # --- ray job submit: stop and resubmit; secrets -------------------------------------------------------
@@ -843,6 +854,7 @@ SCENARIOS = (
     "skipped_input",
     "s3_outage",
     "s3_gone",
+    "s3_gone_data",
     "job_stop",
     "secrets_kept",
 )
@@ -873,8 +885,9 @@ def run_drills(ws: Workspace, names: list[str] | tuple[str, ...] = SCENARIOS) ->
     for name, drill in local.items():
         if name in names:
             results.append(_guarded(name, lambda drill=drill: drill(ws)))
-    s3 = FlakyS3() if {"s3_outage", "s3_gone", "job_stop", "secrets_kept"} & set(names) else None
-    for name, drill in {"s3_outage": s3_outage, "s3_gone": s3_gone}.items():
+    on_s3 = {"s3_outage": s3_outage, "s3_gone": s3_gone, "s3_gone_data": s3_gone_data}
+    s3 = FlakyS3() if {*on_s3, "job_stop", "secrets_kept"} & set(names) else None
+    for name, drill in on_s3.items():
         if name in names:
             results.append(_guarded(name, lambda drill=drill: drill(ws, s3)))
     if {"job_stop", "secrets_kept"} & set(names):

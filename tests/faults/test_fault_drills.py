@@ -74,6 +74,14 @@ def test_s3_that_stays_away_ends_the_run_with_a_clear_error_in_bounded_time(ws, 
     assert "NETWORK_CONNECTION" in result.details["message"] or "S3" in result.details["message"]
 
 
+def test_s3_data_that_stays_away_ends_the_run_at_the_stall_timeout(ws, flaky_s3):
+    """Checkpoints local, so only data reads meet the outage, and Ray Data retries those for minutes."""
+    result = faults.s3_gone(ws, flaky_s3, stall_timeout_s=20, bound_s=180, checkpoints_on_s3=False)
+    assert result.passed, result
+    assert "DataStallError" in result.details["message"] and "s3://" in result.details["message"], result
+    assert result.recover_s >= 2 * 20  # the first stall and the restart's: max_failures=1
+
+
 @pytest.fixture(scope="module")
 def stopped_job(ws, ray_head, flaky_s3) -> faults.DrillResult:
     return faults.job_stop(ws, ray_head, flaky_s3)
