@@ -267,14 +267,19 @@ def _children(client: MlflowClient, experiment: str, parent_run_id: str) -> dict
 
 def _close_children(client: MlflowClient, rows: list[report.TrialRow]) -> None:
     """A trial stopped by the scheduler is killed mid-run: its training run never closes itself, or closes as
-    FAILED when the stop reaches it as an exception. Tune's outcome is the truth for both."""
+    FAILED when the stop reaches it as an exception. So does a trial that had reported its last step when an
+    interrupt of the sweep tore it down (the resumed sweep then finds it complete). Tune's outcome is the
+    truth for all of them."""
     for row in rows:
         if not row.mlflow_run_id:
             continue
         client.set_tag(row.mlflow_run_id, OUTCOME_TAG, row.status)
+        status = client.get_run(row.mlflow_run_id).info.status
         if row.status == report.STOPPED:
             client.set_terminated(row.mlflow_run_id, status="KILLED")
-        elif client.get_run(row.mlflow_run_id).info.status == "RUNNING":
+        elif row.status == report.COMPLETED and status != "FINISHED":
+            client.set_terminated(row.mlflow_run_id, status="FINISHED")
+        elif status == "RUNNING":
             client.set_terminated(
                 row.mlflow_run_id, status="FAILED" if row.status == report.ERROR else "KILLED"
             )

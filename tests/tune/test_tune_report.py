@@ -77,3 +77,36 @@ def test_plot_is_a_png_for_any_number_of_kinds(tmp_path, kinds):
 def test_plot_without_any_objective_still_renders():
     empty = [TrialRow("e", ERROR, {"text": 1.0, "image": 0.0, "image_text": 0.0}, 1e-3, None, None)]
     assert objective_plot(empty, KINDS3, "val/objective", "min")[:4] == b"\x89PNG"
+
+
+@pytest.fixture(scope="module")
+def mlflow_store(tmp_path_factory):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}")
+    return client, client.create_experiment("closing")
+
+
+@pytest.mark.parametrize(
+    ("outcome", "run_status", "closed_as"),
+    [
+        (COMPLETED, "FAILED", "FINISHED"),  # torn down by the sweep's interrupt after its last step
+        (COMPLETED, "FINISHED", "FINISHED"),
+        (STOPPED, "FAILED", "KILLED"),  # ASHA's stop reached it as an exception
+        (STOPPED, "RUNNING", "KILLED"),
+        (ERROR, "RUNNING", "FAILED"),
+        (ERROR, "FAILED", "FAILED"),
+    ],
+)
+def test_child_runs_are_closed_as_tune_saw_the_trial_end(mlflow_store, outcome, run_status, closed_as):
+    from pipeline.tune.sweep import OUTCOME_TAG, _close_children
+
+    client, experiment_id = mlflow_store
+    run = client.create_run(experiment_id)
+    if run_status != "RUNNING":
+        client.set_terminated(run.info.run_id, status=run_status)
+    row = TrialRow("t1", outcome, {"image": 1.0}, 1e-3, 0.5, 4, mlflow_run_id=run.info.run_id)
+    _close_children(client, [row])
+    closed = client.get_run(run.info.run_id)
+    assert closed.info.status == closed_as
+    assert closed.data.tags[OUTCOME_TAG] == outcome

@@ -143,7 +143,7 @@ def test_sweep_stops_bad_trials_tracks_children_resumes_and_yields_a_runnable_be
     for row in rows:
         child = by_trial[row.trial_id]
         assert row.mlflow_run_id == child.info.run_id
-        assert child.info.status in ("FINISHED", "KILLED")
+        assert child.info.status == ("FINISHED" if row.status == COMPLETED else "KILLED")
         assert child.data.tags["tune.outcome"] == row.status
         assert float(child.data.params["train.lr"]) == row.lr
         curve = {m.step: m.value for m in client.get_metric_history(child.info.run_id, OBJECTIVE)}
