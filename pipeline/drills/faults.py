@@ -672,7 +672,7 @@ def s3_gone_data(ws: Workspace, s3: FlakyS3) -> DrillResult:
 # --- ray job submit: stop and resubmit; secrets -------------------------------------------------------
 
 
-def _submit(head, job_id: str, overrides: list[str], wait: bool):
+def _submit(head, job_id: str, overrides: list[str], wait: bool, env_vars: dict[str, str] | None = None):
     """``ray job submit`` of jobs/pretrain.py with this checkout as the working dir."""
     args = [
         "job",
@@ -681,6 +681,7 @@ def _submit(head, job_id: str, overrides: list[str], wait: bool):
         job_id,
         "--working-dir",
         str(ROOT),
+        *(("--runtime-env-json", json.dumps({"env_vars": env_vars})) if env_vars else ()),
         *(() if wait else ("--no-wait",)),
     ]
     entry = ["--", "python", "jobs/pretrain.py", "--config", "jobs/configs/tiny-test.yaml", *overrides]
@@ -711,12 +712,15 @@ def _final_metrics(config: Config) -> dict:
 
 def job_stop(ws: Workspace, head, s3: FlakyS3) -> DrillResult:
     """``ray job stop`` on a running pretraining job (checkpoints on S3): the last complete checkpoint stays
-    intact, and submitting the same run name again resumes from it (one MLflow run, continuous steps)."""
+    intact, and submitting the same run name again resumes from it (one MLflow run, continuous steps),
+    finishes, exports the model beside its checkpoints and closes the MLflow run FINISHED. The commit comes
+    with the runtime env (the uploaded working dir has no .git) and must reach MLflow's params."""
     name, steps = "job-stop", 24
-    overrides = [*s3_overrides(ws, s3, name), f"train.steps={steps}"]
+    overrides = [*s3_overrides(ws, s3, name), f"train.steps={steps}", "train.export_model=true"]
     config = load_config(TINY_CONFIG, overrides)
+    commit = {"FLAVA_GIT_COMMIT": f"drill-commit-{ws.tag}"}
     first = f"drill-stop-{ws.tag}-1"
-    _submit(head, first, overrides, wait=False)
+    _submit(head, first, overrides, wait=False, env_vars=commit)
     wait_for(
         lambda: (
             _job_status(head, first) in ("FAILED", "SUCCEEDED")
@@ -735,10 +739,15 @@ def job_stop(ws: Workspace, head, s3: FlakyS3) -> DrillResult:
     run_status = mlflow_runs(config)[0].info.status
 
     second, resubmitted_at = f"drill-stop-{ws.tag}-2", time.time()
-    _submit(head, second, overrides, wait=True)
+    _submit(head, second, overrides, wait=True, env_vars=commit)
     logs = head.ray("job", "logs", second).stdout
     match = re.search(r"resumed from \S+ at step (\d+)", logs)
     resumed_at = int(match.group(1)) if match else None
+    final_run = mlflow_runs(config)[0]
+    exported = storage.exists(
+        storage.join(run_dir(_resolved(config)), "hf_model", "config.json"), config.storage
+    )
+    commit_logged = final_run.data.params.get("git.commit") == commit["FLAVA_GIT_COMMIT"]
     out = _judge_recovery(
         "ray job stop, then the same run submitted again",
         "the last complete checkpoint stays intact; the resubmitted job resumes from it and finishes",
@@ -748,17 +757,32 @@ def job_stop(ws: Workspace, head, s3: FlakyS3) -> DrillResult:
         steps,
     )
     out.passed = (
-        out.passed and stopped == "STOPPED" and intact and resumed_at == (after.step if after else None)
+        out.passed
+        and stopped == "STOPPED"
+        and intact
+        and resumed_at == (after.step if after else None)
+        and final_run.info.status == "FINISHED"
+        and exported
+        and commit_logged
     )
     # the stopped job's workers log a step or two after the stop: recovery is the resubmission's first step
     first_step = recovery_time(step_log(config), resubmitted_at)
     out.recover_s = None if first_step is None else round(first_step + resubmitted_at - stop_at, 1)
     out.observed = (
         f"stopped at step {stop_step} ({stopped}; MLflow run {run_status}); latest complete checkpoint "
-        f"step {after.step if after else None} (was {before}); resubmission resumed at step {resumed_at}; "
-        + out.observed
+        f"step {after.step if after else None} (was {before}); resubmission resumed at step {resumed_at}, "
+        f"exported the model: {exported}, MLflow run {final_run.info.status}, git.commit from the runtime "
+        f"env: {commit_logged}; " + out.observed
     )
-    out.details.update(jobs=[first, second], checkpoint_on_s3=after is not None)
+    out.details.update(
+        jobs=[first, second],
+        checkpoint_on_s3=after is not None,
+        exported=exported,
+        final_status=final_run.info.status,
+        git_commit=final_run.data.params.get("git.commit"),
+        logs_say_finished=f"[train] step {steps}/{steps}" in logs,
+        logs_say_exported="pretrain: exported model (transformers layout):" in logs,
+    )
     return out
 
 

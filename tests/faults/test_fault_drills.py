@@ -92,6 +92,11 @@ def test_ray_job_stop_keeps_the_checkpoint_and_a_resubmission_resumes(stopped_jo
     assert result.passed, result
     assert result.samples_lost == 0 and result.details["mlflow_runs"] == 1
     assert "MLflow run KILLED" in result.observed  # SIGTERM closed the run; the resubmission reopened it
+    # the resubmission ran as any ray job submit must: finished, exported, closed, the commit tracked
+    assert result.details["final_status"] == "FINISHED", result
+    assert result.details["exported"] and result.details["logs_say_exported"], result
+    assert result.details["logs_say_finished"], result
+    assert result.details["git_commit"].startswith("drill-commit-"), result  # no .git in the upload
 
 
 def test_secrets_never_reach_logs_mlflow_or_storage(ws, ray_head, flaky_s3, stopped_job):
