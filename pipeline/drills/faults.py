@@ -715,7 +715,7 @@ def job_stop(ws: Workspace, head, s3: FlakyS3) -> DrillResult:
     intact, and submitting the same run name again resumes from it (one MLflow run, continuous steps),
     finishes, exports the model beside its checkpoints and closes the MLflow run FINISHED. The commit comes
     with the runtime env (the uploaded working dir has no .git) and must reach MLflow's params."""
-    name, steps = "job-stop", 24
+    name, steps = "job-stop", 32
     overrides = [*s3_overrides(ws, s3, name), f"train.steps={steps}", "train.export_model=true"]
     config = load_config(TINY_CONFIG, overrides)
     commit = {"FLAVA_GIT_COMMIT": f"drill-commit-{ws.tag}"}
