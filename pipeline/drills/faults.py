@@ -548,6 +548,10 @@ class FlakyS3:
         if self.BUCKET not in {b["Name"] for b in s3.list_buckets().get("Buckets", [])}:
             s3.create_bucket(Bucket=self.BUCKET)
 
+    @property
+    def storage(self) -> StorageConfig:
+        return StorageConfig(s3_endpoint_url=self.url)
+
     def start(self) -> None:
         self._link.restore()
 
@@ -555,7 +559,7 @@ class FlakyS3:
         self._link.cut()
 
     def upload(self, local: Path, key: str) -> str:
-        fs = storage.s3_filesystem(StorageConfig(s3_endpoint_url=self.url))
+        fs = storage.s3_filesystem(self.storage)
         pafs.copy_files(str(local), f"{self.BUCKET}/{key}", destination_filesystem=fs)
         return f"s3://{self.BUCKET}/{key}"
 
@@ -563,7 +567,7 @@ class FlakyS3:
 def s3_overrides(ws: Workspace, s3: FlakyS3, name: str) -> list[str]:
     """A drill run whose data and checkpoints live on the flaky S3 (the demo shards uploaded once)."""
     data = f"s3://{FlakyS3.BUCKET}/demo"
-    if not storage.exists(storage.join(data, "text", "train", shard_format.MANIFEST_NAME), _s3(s3)):
+    if not storage.exists(storage.join(data, "text", "train", shard_format.MANIFEST_NAME), s3.storage):
         s3.upload(ws.demo, "demo")
     return [
         *ws.overrides(name, data),
@@ -574,10 +578,6 @@ def s3_overrides(ws: Workspace, s3: FlakyS3, name: str) -> list[str]:
 
 def _s3_config(ws: Workspace, s3: FlakyS3, name: str, *extra: str) -> Config:
     return load_config(TINY_CONFIG, [*s3_overrides(ws, s3, name), *extra])
-
-
-def _s3(s3: FlakyS3) -> StorageConfig:
-    return StorageConfig(s3_endpoint_url=s3.url)
 
 
 def s3_outage(ws: Workspace, s3: FlakyS3, outage_s: float = 6.0) -> DrillResult:
@@ -854,7 +854,7 @@ def secrets_kept(ws: Workspace, head, s3: FlakyS3, jobs: list[str]) -> DrillResu
         ("ray job logs", job_logs.encode()),
         *((f"ray log {p.relative_to(head.logs_dir)}", data) for p, data in _text_files(head.logs_dir)),
         *_mlflow_texts(ws.tracking_uri, EXPERIMENT, ws.root / f"mlflow-scan-{uuid.uuid4().hex[:6]}"),
-        *_storage_texts(runs, _s3(s3)),
+        *_storage_texts(runs, s3.storage),
     ]
     found = leaked(secrets, sources)
     used = any(where.startswith("storage:") and "checkpoint_step" in where for where, _ in sources)

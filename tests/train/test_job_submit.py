@@ -18,25 +18,16 @@ from pipeline.drills.head import RAY
 pytestmark = pytest.mark.slow
 
 
+def job_list(head, env: dict[str, str]) -> subprocess.CompletedProcess:
+    command = [str(RAY), "job", "list", "--address", head.address]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=60)
+
+
 def test_the_head_wrote_its_own_token(ray_head):
     assert (ray_head.home / ".ray" / "auth_token").is_file()
-    listed = subprocess.run(
-        [str(RAY), "job", "list", "--address", ray_head.address],
-        env=ray_head.env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    listed = job_list(ray_head, ray_head.env)
     assert listed.returncode == 0, listed.stderr[-2000:]
 
 
 def test_client_with_a_wrong_token_is_refused(ray_head):
-    wrong = {**ray_head.env, "RAY_AUTH_TOKEN": uuid.uuid4().hex}
-    result = subprocess.run(
-        [str(RAY), "job", "list", "--address", ray_head.address],
-        env=wrong,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    assert result.returncode != 0
+    assert job_list(ray_head, {**ray_head.env, "RAY_AUTH_TOKEN": uuid.uuid4().hex}).returncode != 0
