@@ -15,7 +15,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.cluster import init_ray  # noqa: E402
-from pipeline.config import dump_config, parse_cli  # noqa: E402
+from pipeline.config import ConfigError, dump_config, parse_cli  # noqa: E402
+from pipeline.paths import DEMO, PREPARE, absolute_paths  # noqa: E402
 from pipeline.shards.format import ShardIntegrityError  # noqa: E402
 from pipeline.shards.prepare import PrepareError, execute, format_report, plan  # noqa: E402
 from pipeline.shards.sources import SourceError  # noqa: E402
@@ -39,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     config, args = parse(argv)
     start = time.perf_counter()
     try:
+        config = absolute_paths(config, DEMO if args.demo else PREPARE)
         # listing first: a bad path fails in a second, before any Ray process starts
         plans = None if args.demo else plan(config.prepare, config.storage)
         if args.dry_run:
@@ -51,6 +53,9 @@ def main(argv: list[str] | None = None) -> int:
 
         init_ray()
         report = prepare_demo(config) if args.demo else execute(plans, config.prepare, config.storage)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
     except (SourceError, PrepareError, ShardIntegrityError, FileNotFoundError) as e:
         print(f"prepare_data: {e}", file=sys.stderr)
         return 2

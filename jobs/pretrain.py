@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipeline.cluster import init_ray  # noqa: E402
-from pipeline.config import dump_config, parse_cli  # noqa: E402
+from pipeline.config import ConfigError, dump_config, parse_cli  # noqa: E402
 
 
 def parse(argv: list[str] | None = None):
@@ -38,9 +38,10 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     try:
-        validate_inputs(resolve_paths(config))  # fail fast, before starting Ray
+        config = resolve_paths(config)
+        validate_inputs(config)  # fail fast, before starting Ray
         if args.dry_run:
-            print(dump_config(resolve_paths(config)), end="")
+            print(dump_config(config), end="")
             print("pretrain: inputs valid (dry run, nothing started)")
             return 0
         import ray.data
@@ -48,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
         init_ray(min_cpus=config.train.num_workers * config.train.cpus_per_worker + 1)
         ray.data.DataContext.get_current().enable_progress_bars = False  # the trainer prints progress
         result = run_pretraining(config)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
     except InputError as e:
         print(f"pretrain: bad input: {e}", file=sys.stderr)
         return 2

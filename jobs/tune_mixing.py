@@ -28,9 +28,10 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.tune.sweep import resolve_paths, run_sweep, validate_sweep
 
     try:
+        config = resolve_paths(config)
         validate_sweep(config)  # fail fast, before starting Ray
         if args.dry_run:
-            print(dump_config(resolve_paths(config)), end="")
+            print(dump_config(config), end="")
             searched = ", ".join(sorted(param_space(config)))
             print(f"tune_mixing: config valid, {num_trials(config)} trial(s) over {searched}")
             print("tune_mixing: dry run, nothing started")

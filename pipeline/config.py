@@ -26,8 +26,12 @@ class ConfigError(ValueError):
 
 @dataclass
 class StorageConfig:
-    """Where s3:// URIs resolve. Credentials come only from the environment (AWS_* variables)."""
+    """Where s3:// URIs and relative paths resolve. Credentials come only from the environment (AWS_*)."""
 
+    # relative local paths resolve against this directory (empty: the working directory). Under
+    # ``ray job submit`` the working directory is Ray's temporary package dir: set it (storage.base_dir=$PWD)
+    # or use absolute paths (pipeline/paths.py)
+    base_dir: str = ""
     s3_endpoint_url: str = ""
     s3_region: str = "us-east-1"
     # attempts per S3 call, with exponential backoff: 8 ride out about 40 s of an unreachable endpoint
@@ -282,6 +286,17 @@ def _with_defaults(cls: type, values: dict) -> dict:
     return tree
 
 
+def _yaml_where(error: yaml.YAMLError) -> str:
+    """``LINE:COL: problem`` (1-based) of a YAML syntax error, as editors and compilers print them."""
+    mark, problem = getattr(error, "problem_mark", None), getattr(error, "problem", None) or str(error)
+    context, context_mark = getattr(error, "context", None), getattr(error, "context_mark", None)
+    if context:
+        problem += f" {context}" + (
+            f" started at {context_mark.line + 1}:{context_mark.column + 1}" if context_mark else ""
+        )
+    return f"{mark.line + 1}:{mark.column + 1}: {problem}" if mark is not None else problem
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Reads YAML (if given), applies ``a.b.c=value`` overrides (values parsed as YAML), type-checks."""
     tree: dict = {}
@@ -289,7 +304,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        loaded = yaml.safe_load(path.read_text())
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}:{_yaml_where(e)}") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise ConfigError(f"{path}: top level must be a mapping")
         tree = loaded or {}
@@ -299,7 +317,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raise ConfigError(f"override {item!r} is not of the form key=value")
         dotted, raw = item.split("=", 1)
         _validate_dotted(dotted)
-        _set_dotted(tree, dotted, yaml.safe_load(raw) if raw != "" else "")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(
+                f"override {item!r}: the value is not YAML ({_yaml_where(e)}); quote a string, "
+                "e.g. key='\"text\"'"
+            ) from None
+        _set_dotted(tree, dotted, value)
     return _build(Config, tree)
 
 

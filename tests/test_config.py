@@ -69,3 +69,37 @@ def test_cli_exits_2_with_message(capsys):
         parse_cli(["train.bogus=1"], "x")
     assert exc.value.code == 2
     assert "unknown config key: train.bogus" in capsys.readouterr().err
+
+
+def test_yaml_syntax_error_in_a_file_names_file_line_and_column(tmp_path):
+    path = write(tmp_path, "train:\n  steps: 3\n   lr: 2\n")
+    with pytest.raises(ConfigError, match=rf"^{path}:3:6: mapping values are not allowed"):
+        load_config(path)
+    flow = write(tmp_path, "train: [1,2\n")
+    with pytest.raises(ConfigError, match=rf"^{flow}:2:1: .*flow sequence started at 1:8"):
+        load_config(flow)
+
+
+def test_an_override_that_is_not_yaml_is_named(tmp_path):
+    with pytest.raises(ConfigError, match=r"override 'train.steps=\[': the value is not YAML \(1:2: "):
+        load_config(None, ["train.steps=["])
+
+
+@pytest.mark.parametrize("job", ["pretrain", "tune_mixing", "prepare_data", "inspect_data"])
+@pytest.mark.parametrize(
+    ("args", "said"), [(["--config", "BAD"], "BAD:2:1: "), (["train.steps=["], "train.steps=[")]
+)
+def test_jobs_print_yaml_errors_without_a_traceback(tmp_path, job, args, said):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    bad = write(tmp_path, "train: [1,2\n")
+    argv = [str(bad) if a == "BAD" else a for a in args]
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, str(root / "jobs" / f"{job}.py"), *argv], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("config error: ") and said.replace("BAD", str(bad)) in done.stderr
+    assert "Traceback" not in done.stderr

@@ -6,7 +6,6 @@ Everything that can be wrong with the inputs is found here, before a worker star
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from model import build_flava
 from model.checkpoint import spec_from_hf_config
-from pipeline import storage
+from pipeline import paths, storage
 from pipeline.config import KINDS, Config, to_dict
 from pipeline.data.datasets import TrainData, check_shards
 from pipeline.data.mixing import validate_ratios
@@ -61,7 +60,7 @@ def _check_dataset(split: str, kind: str, uri: str, config: Config, spec) -> Man
         else:  # held-out sets are small and read whole: no skipping there
             manifest = verify_dataset(uri, config.storage, checksums=False)
     except (ShardIntegrityError, ValueError, OSError, pa.ArrowException) as e:
-        raise InputError(f"{where}: {e}") from e
+        raise InputError(f"{where}: {e}{paths.inside_package_hint(uri)}") from e
     if manifest.kind != kind:
         raise InputError(f"{where}: the manifest says kind {manifest.kind!r}, expected {kind!r}")
     if kind != "text":
@@ -133,21 +132,9 @@ def check_cluster_cpus(config: Config) -> None:
 
 
 def resolve_paths(config: Config) -> Config:
-    """Absolute local paths and the tracking URI, fixed on the driver: workers run in other directories."""
-
-    def absolute(uri: str) -> str:
-        return uri if not uri or storage.is_s3(uri) else str(Path(uri).expanduser().resolve())
-
-    data = dataclasses.replace(
-        config.data,
-        train={k: absolute(v) for k, v in config.data.train.items()},
-        val={k: absolute(v) for k, v in config.data.val.items()},
-        tokenizer=absolute(config.data.tokenizer),
-    )
-    train = dataclasses.replace(config.train, storage_path=absolute(config.train.storage_path))
-    mlflow = dataclasses.replace(config.mlflow, tracking_uri=tracking.resolve_tracking_uri(config.mlflow))
-    model = dataclasses.replace(config.model, init_checkpoint=absolute(config.model.init_checkpoint))
-    return dataclasses.replace(config, data=data, train=train, mlflow=mlflow, model=model)
+    """Absolute local paths and the tracking URI, fixed on the driver: workers run in other directories.
+    Raises ``ConfigError`` for a relative path inside a Ray job's temporary package dir."""
+    return paths.absolute_paths(config, paths.TRAINING)
 
 
 def run_dir(config: Config) -> str:

@@ -35,12 +35,6 @@ _MAX_PARAM_LEN = 6000  # MLflow's limit on a param value (3.x)
 _BATCH = {"metrics": 1000, "params": 100}  # MLflow's per-call limits of log_batch
 
 
-def resolve_tracking_uri(cfg: MLflowConfig) -> str:
-    """Config, else MLFLOW_TRACKING_URI, else a sqlite file in the driver's working directory."""
-    uri = cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI", "")
-    return uri or f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
-
-
 def redact(tree: Any, key: str = "") -> Any:
     """The config with secrets masked: secret-looking keys, and user:password@ inside URIs."""
     if isinstance(tree, dict):

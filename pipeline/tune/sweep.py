@@ -31,7 +31,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
-from pipeline import storage
+from pipeline import paths, storage
 from pipeline.config import (
     KINDS,
     Config,
@@ -77,11 +77,7 @@ def experiment_uri(config: Config) -> str:
 
 def resolve_paths(config: Config) -> Config:
     """The training job's path resolution plus the sweep's own storage: trials run in other directories."""
-    config = launch.resolve_paths(config)
-    if storage.is_s3(config.tune.storage_path):
-        return config
-    path = str(Path(config.tune.storage_path).expanduser().resolve())
-    return dataclasses.replace(config, tune=dataclasses.replace(config.tune, storage_path=path))
+    return paths.absolute_paths(config, paths.SWEEP)
 
 
 def apply_params(base: Config, params: dict) -> Config:

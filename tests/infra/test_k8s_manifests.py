@@ -217,7 +217,14 @@ def _train_slots(job: dict) -> int:
 
 
 @pytest.mark.parametrize("name", KUSTOMIZATIONS)
-def test_entrypoints_parse_and_fit_their_cluster(name):
+def test_entrypoints_parse_and_fit_their_cluster(name, tmp_path, monkeypatch):
+    from pipeline.config import ConfigError
+    from pipeline.paths import SWEEP, absolute_paths
+
+    # a relative path would land in a pod's (or a submitted job's package) directory that goes with it
+    package = tmp_path / "runtime_resources" / "working_dir_files" / "_ray_pkg_k8s"
+    package.mkdir(parents=True)
+    monkeypatch.chdir(package)
     docs = render(name)
     storage = config_map(docs, "flava-storage")["data"]
     services = {s["metadata"]["name"] for s in by_kind(docs, "Service")}
@@ -249,8 +256,17 @@ def test_entrypoints_parse_and_fit_their_cluster(name):
             f"{where}: storage.s3_endpoint_url disagrees with the flava-storage ConfigMap"
         )
         assert config.storage.s3_region == storage["s3_region"]
-        uris = [config.train.storage_path, config.tune.storage_path, *config.data.train.values()]
+        uris = [
+            config.train.storage_path,
+            config.tune.storage_path,
+            *config.data.train.values(),
+            *config.data.val.values(),
+        ]
         assert all(u.startswith("s3://") for u in uris), f"{where}: pods have no local storage: {uris}"
+        try:
+            absolute_paths(config, SWEEP)
+        except ConfigError as e:
+            raise AssertionError(f"{where}: {e}") from e
         tracking = re.fullmatch(r"http://([a-z0-9-]+)(\.[a-z0-9.-]+)?:5000", config.mlflow.tracking_uri)
         assert tracking and tracking[1] in services, f"{where}: {config.mlflow.tracking_uri} is no Service"
     assert set(configs) == {"pretrain", "tune_mixing"}

@@ -30,15 +30,6 @@ def test_flatten_and_resolved_config():
     assert yaml.safe_load(tracking.resolved_config_yaml(Config()))["train"]["run_name"] == "flava-demo"
 
 
-def test_default_tracking_uri_is_absolute_sqlite(monkeypatch, tmp_path):
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    monkeypatch.chdir(tmp_path)
-    assert tracking.resolve_tracking_uri(MLflowConfig()) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")
-    assert tracking.resolve_tracking_uri(MLflowConfig()) == "http://mlflow:5000"
-    assert tracking.resolve_tracking_uri(MLflowConfig(tracking_uri="file:///x")) == "file:///x"
-
-
 @pytest.fixture(scope="module")
 def uri(tmp_path_factory):
     """One store for the module: creating an MLflow sqlite schema takes seconds."""
