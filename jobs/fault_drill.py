@@ -18,13 +18,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipeline.cluster import init_ray  # noqa: E402
-from pipeline.drills.faults import (  # noqa: E402
-    FAST_RESTART_ENV,
-    SCENARIOS,
-    format_table,
-    prepare_workspace,
-    run_drills,
-)
+from pipeline.drills.harness import FAST_RESTART_ENV, prepare_workspace  # noqa: E402
+from pipeline.drills.judge import format_table  # noqa: E402
+from pipeline.drills.runner import SCENARIOS, run_drills  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,6 @@
 """FLAVA in plain PyTorch: encoders, pretraining heads and losses, presets, transformers interop.
 
-Imports neither ray nor pipeline; sharding is applied from outside (``model.sharding.shard_model``).
+Imports neither ray nor pipeline; sharding is applied from outside (``model.sharding.parallelize``).
 """
 
 from model.checkpoint import load_hf_checkpoint, save_hf_checkpoint

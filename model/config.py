@@ -6,6 +6,12 @@ import math
 from dataclasses import asdict, dataclass, field
 
 LOSS_NAMES = ("mim", "mlm", "global_contrastive", "itm", "mmm_image", "mmm_text")
+# the losses a batch of each kind runs (``FlavaForPretraining.forward``), those with a positive weight
+LOSSES_BY_KIND = {
+    "image": ("mim",),
+    "text": ("mlm",),
+    "image_text": ("global_contrastive", "itm", "mmm_image", "mmm_text"),
+}
 # transformers' FlavaConfig defaults: every pretraining loss weighted 1.
 DEFAULT_LOSS_WEIGHTS = dict.fromkeys(LOSS_NAMES, 1.0)
 LOGIT_SCALE_INIT = math.log(1 / 0.07)
@@ -48,6 +54,10 @@ class FlavaSpec:
             raise ValueError(f"loss_weights has unknown losses {sorted(unknown)}; known: {list(LOSS_NAMES)}")
         # Partial dicts override the defaults, so `loss_weights={"mim": 0.5}` keeps the others at 1.
         object.__setattr__(self, "loss_weights", {**DEFAULT_LOSS_WEIGHTS, **self.loss_weights})
+
+    def losses_for(self, kind: str) -> frozenset[str]:
+        """The losses ``forward`` computes for a batch of ``kind`` under these weights."""
+        return frozenset(name for name in LOSSES_BY_KIND[kind] if self.loss_weights[name] > 0)
 
     @property
     def num_patches(self) -> int:

@@ -133,41 +133,42 @@ class FlavaForPretraining(nn.Module):
         if missing:
             raise ValueError(f"batch of kind {kind!r} lacks {missing}")
         out = FlavaOutput(loss=torch.zeros(()), losses={})
-        weights = self.spec.loss_weights
+        run = self.spec.losses_for(kind)
         if kind == "image":
-            self._image_losses(batch, out, weights)
+            self._image_losses(batch, out, run)
         elif kind == "text":
-            self._text_losses(batch, out, weights)
+            self._text_losses(batch, out, run)
         else:
-            self._image_text_losses(batch, out, weights)
+            self._image_text_losses(batch, out, run)
         if out.losses:
+            weights = self.spec.loss_weights
             out.loss = sum(weights[name] * value for name, value in out.losses.items())
         return out
 
-    def _image_losses(self, batch: dict, out: FlavaOutput, weights: dict[str, float]) -> None:
+    def _image_losses(self, batch: dict, out: FlavaOutput, run: frozenset[str]) -> None:
         states = self.image_encoder(batch["pixel_values"], batch["bool_masked_pos"])[1]
         out.hidden["image_masked"] = states
-        if weights["mim"] > 0:
+        if "mim" in run:
             masked = batch["bool_masked_pos"].bool()
             out.losses["mim"], out.logits["mim"] = masked_prediction(
                 self.mim_head, states[:, 1:], batch["mim_labels"], masked
             )
 
-    def _text_losses(self, batch: dict, out: FlavaOutput, weights: dict[str, float]) -> None:
+    def _text_losses(self, batch: dict, out: FlavaOutput, run: frozenset[str]) -> None:
         states = self.text_encoder(batch["input_ids_masked"], batch["attention_mask"])[1]
         out.hidden["text_masked"] = states
-        if weights["mlm"] > 0:
+        if "mlm" in run:
             labels = batch["mlm_labels"]
             out.losses["mlm"], out.logits["mlm"] = masked_prediction(
                 self.mlm_head, states, labels, labels != IGNORE_INDEX
             )
 
-    def _image_text_losses(self, batch: dict, out: FlavaOutput, weights: dict[str, float]) -> None:
+    def _image_text_losses(self, batch: dict, out: FlavaOutput, run: frozenset[str]) -> None:
         attention_mask = batch["attention_mask"]
         positive = batch["itm_labels"].reshape(-1) != 0
         rows = positive | ~positive.any()  # the reference falls back to every row without any positive
 
-        if weights["global_contrastive"] > 0:
+        if "global_contrastive" in run:
             image = self.image_encoder(batch["pixel_values"])[1]
             text = self.text_encoder(batch["input_ids"], attention_mask)[1]
             image_emb = self._project(self.image_projection, image)
@@ -178,7 +179,7 @@ class FlavaForPretraining(nn.Module):
             out.hidden.update(image=image, text=text)
             out.embeddings.update(image=image_emb, text=text_emb)
 
-        if not any(weights[name] > 0 for name in ("itm", "mmm_image", "mmm_text")):
+        if not run & {"itm", "mmm_image", "mmm_text"}:
             return
         bool_masked_pos = batch["bool_masked_pos"].bool()
         image_pre, image_masked = self.image_encoder(batch["pixel_values"], bool_masked_pos)
@@ -186,18 +187,18 @@ class FlavaForPretraining(nn.Module):
         mm = self.mm_encoder(image_pre, text_pre, attention_mask)
         out.hidden.update(image_masked=image_masked, text_masked=text_masked, multimodal_masked=mm)
 
-        if weights["itm"] > 0:
+        if "itm" in run:
             out.logits["itm"] = self.itm_head(mm)
             out.losses["itm"] = F.cross_entropy(upcast(out.logits["itm"]), batch["itm_labels"].reshape(-1))
         num_patches = image_pre.shape[1] - 1
-        if weights["mmm_image"] > 0:
+        if "mmm_image" in run:
             out.losses["mmm_image"], out.logits["mmm_image"] = masked_prediction(
                 self.mmm_image_head,
                 mm[rows, 2 : 2 + num_patches],
                 batch["mim_labels"][rows],
                 bool_masked_pos[rows],
             )
-        if weights["mmm_text"] > 0:
+        if "mmm_text" in run:
             labels = batch["mlm_labels"][rows]
             out.losses["mmm_text"], out.logits["mmm_text"] = masked_prediction(
                 self.mmm_text_head, mm[rows, 2 + num_patches :], labels, labels != IGNORE_INDEX

@@ -9,19 +9,52 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
+from model.config import LOSS_NAMES
+
 KINDS = ("image_text", "image", "text")
+Kind = Literal["image_text", "image", "text"]
+PRESET_NAMES = ("tiny", "small", "base", "large")  # model.presets.PRESETS (a test keeps them equal)
+# keys that were renamed: naming the new key beats "unknown key"
+RENAMED = {"train.bf16": "train.precision (fp32 | bf16)"}
 
 
 class ConfigError(ValueError):
     """A config file or override that does not fit the tree."""
+
+
+class _Checks:
+    """Collects ``section.field: problem`` lines; a section's ``check`` fills one."""
+
+    def __init__(self, section: str, values: Any):
+        self.section, self.values, self.problems = section, values, []
+
+    def fail(self, name: str, problem: str) -> None:
+        self.problems.append(f"{self.section}.{name} = {getattr(self.values, name)!r}: {problem}")
+
+    def at_least(self, minimum: float, *names: str) -> None:
+        for name in names:
+            if getattr(self.values, name) < minimum:
+                self.fail(name, f"must be >= {minimum:g}")
+
+    def positive(self, *names: str) -> None:
+        for name in names:
+            if not getattr(self.values, name) > 0:
+                self.fail(name, "must be > 0")
+
+    def fraction(self, *names: str, closed: bool = False) -> None:
+        for name in names:
+            value = getattr(self.values, name)
+            if not (0.0 <= value <= 1.0 if closed else 0.0 <= value < 1.0):
+                self.fail(name, f"must be in [0, 1{']' if closed else ')'}")
 
 
 @dataclass
@@ -39,12 +72,16 @@ class StorageConfig:
     s3_max_attempts: int = 8
     s3_request_timeout_s: float = 30.0
 
+    def check(self, c: _Checks) -> None:
+        c.at_least(1, "s3_max_attempts")
+        c.positive("s3_request_timeout_s")
+
 
 @dataclass
 class PrepareConfig:
     """Converts one raw source into a dataset of shards (one kind per dataset)."""
 
-    source: str = ""  # captioned_folder | webdataset | image_folder | text
+    source: Literal["", "captioned_folder", "webdataset", "image_folder", "text"] = ""  # "": not set
     inputs: list[str] = field(default_factory=list)  # folders, .tar files, text/jsonl files
     captions: str = ""  # captions .jsonl/.csv for captioned_folder (default: <folder>/captions.jsonl)
     output: str = ""  # local dir or s3:// URI of the dataset
@@ -60,10 +97,20 @@ class PrepareConfig:
     codebook_hidden_size: int = 256  # random-init codebook only (FLAVA's is 256; smaller is faster)
     codebook_batch_size: int = 64
     codebook_actors: int = 1  # concurrency of the codebook actor pool (one GPU each when present)
-    image_format: str = "png"  # png (lossless: codes match any decoder) | jpeg (smaller)
+    image_format: Literal["png", "jpeg"] = "png"  # png: lossless, codes match any decoder; jpeg: smaller
     jpeg_quality: int = 95
     val_fraction: float = 0.0  # > 0: hold out keys by hash into <output>/val, the rest into <output>/train
     strict: bool = False
+
+    def check(self, c: _Checks) -> None:
+        c.at_least(1, "min_image_size", "shard_rows", "shard_bytes", "row_group_rows")
+        c.at_least(1, "codebook_hidden_size", "codebook_batch_size", "codebook_actors")
+        c.at_least(16, "image_size")
+        if self.image_size % self.patch_size:
+            c.fail("image_size", f"must be a multiple of prepare.patch_size={self.patch_size}")
+        if not 1 <= self.jpeg_quality <= 100:
+            c.fail("jpeg_quality", "must be in [1, 100]")
+        c.fraction("val_fraction")
 
 
 @dataclass
@@ -76,6 +123,10 @@ class DemoConfig:
     texts: int = 3072
     val_fraction: float = 0.125
     seed: int = 0
+
+    def check(self, c: _Checks) -> None:
+        c.at_least(0, "pairs", "images", "texts")
+        c.fraction("val_fraction")
 
 
 @dataclass
@@ -96,18 +147,45 @@ class DataConfig:
     shuffle_buffer: int = 256
     read_ahead: int = 4  # batches per kind a worker thread reads ahead, across epoch restarts (0: none)
     stall_timeout_s: float = 600  # a worker waiting longer for a batch fails (storage gone); 0: no limit
-    on_corrupt_shard: str = "error"  # error | skip
+    on_corrupt_shard: Literal["error", "skip"] = "error"
     verify_checksums: bool = True  # sha256 of every shard before reading (sizes are always checked)
     seed: int = 0
+
+    def check(self, c: _Checks) -> None:
+        c.at_least(1, "batch_size")
+        c.at_least(2, "max_text_length")
+        c.at_least(8, "vocab_size")
+        c.at_least(0, "shuffle_buffer", "read_ahead", "stall_timeout_s")
+        c.fraction("mlm_probability", "mim_mask_ratio", "itm_negative_fraction")
+        c.fraction("flip_probability", closed=True)
+        unknown = sorted(set(self.ratios) - set(KINDS))
+        if unknown:
+            c.fail("ratios", f"unknown kind(s) {unknown}; kinds are {list(KINDS)}")
+        bad = {k: v for k, v in self.ratios.items() if not (math.isfinite(v) and v >= 0)}
+        if bad:
+            c.fail("ratios", f"must be finite and non-negative, got {bad}")
+        elif self.ratios and sum(self.ratios.values()) <= 0:
+            c.fail("ratios", "all ratios are zero: at least one kind must get batches")
+        for split in ("train", "val"):
+            unknown = sorted(set(getattr(self, split)) - set(KINDS))
+            if unknown:
+                c.fail(split, f"unknown kind(s) {unknown}; kinds are {list(KINDS)}")
 
 
 @dataclass
 class ModelConfig:
-    preset: str = "small"
+    preset: Literal["tiny", "small", "base", "large"] = "small"
     overrides: dict[str, Any] = field(default_factory=dict)  # flat builder kwargs
     loss_weights: dict[str, float] = field(default_factory=dict)
     init_checkpoint: str = ""  # transformers FlavaForPreTraining dir (local or s3://)
     activation_checkpointing: bool = False
+
+    def check(self, c: _Checks) -> None:
+        unknown = sorted(set(self.loss_weights) - set(LOSS_NAMES))
+        if unknown:
+            c.fail("loss_weights", f"unknown loss(es) {unknown}; losses are {list(LOSS_NAMES)}")
+        if any(not (math.isfinite(w) and w >= 0) for w in self.loss_weights.values()):
+            c.fail("loss_weights", "weights must be finite and non-negative")
 
 
 @dataclass
@@ -134,9 +212,21 @@ class TrainConfig:
     keep_checkpoints: int = 2
     max_failures: int = 0
     collective_timeout_s: int = 300
-    bf16: bool = True  # autocast to bfloat16 on GPU (CPU runs stay float32)
+    # parameters and compute in this dtype at every world size (FSDP2's policy, model/sharding.py);
+    # gradients are reduced and kept in fp32 either way, LayerNorms and losses compute in fp32
+    precision: Literal["fp32", "bf16"] = "fp32"
     export_model: bool = True  # transformers-layout export to <storage>/<run_name>/hf_model + MLflow
     seed: int = 0
+
+    def check(self, c: _Checks) -> None:
+        c.at_least(1, "steps", "num_workers", "cpus_per_worker", "grad_accum", "log_every")
+        c.at_least(1, "checkpoint_every", "keep_checkpoints", "val_batches", "collective_timeout_s")
+        c.at_least(0, "stop_at_step", "warmup_steps", "val_every", "weight_decay", "adam_eps")
+        c.at_least(-1, "max_failures")  # -1: retry forever (Ray Train's convention)
+        c.positive("lr", "grad_clip")
+        c.fraction("min_lr_ratio", closed=True)
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            c.fail("betas", "must be two numbers in [0, 1)")
 
 
 @dataclass
@@ -147,19 +237,23 @@ class MLflowConfig:
     parent_run_id: str = ""
     run_tags: dict[str, str] = field(default_factory=dict)
 
+    def check(self, c: _Checks) -> None:
+        if not self.experiment:
+            c.fail("experiment", "must not be empty")
+
 
 @dataclass
 class TuneConfig:
     """A sweep of mixing ratios (and optionally lr); each trial is a short pretraining run (train.*)."""
 
-    kinds: list[str] = field(default_factory=list)  # kinds on the simplex; empty: every kind in data.train
+    kinds: list[Kind] = field(default_factory=list)  # kinds on the simplex; empty: every kind in data.train
     num_samples: int = 8  # random: Dirichlet draws; grid: repeats of the whole grid
-    search: str = "random"  # random | grid
+    search: Literal["random", "grid"] = "random"
     dirichlet_alpha: float = 1.0
     grid_steps: int = 3  # grid: weights are multiples of 1/grid_steps
     lr_choices: list[float] = field(default_factory=list)  # empty: keep train.lr
     seed: int = 0
-    scheduler: str = "asha"  # asha | none
+    scheduler: Literal["asha", "none"] = "asha"
     grace_period: int = 1  # in validation rounds (train.val_every steps)
     reduction_factor: int = 2
     max_concurrent_trials: int = 0  # 0: derived from cluster resources
@@ -168,6 +262,16 @@ class TuneConfig:
     max_failures: int = 1
     storage_path: str = "tune_runs"
     name: str = "mixing-sweep"
+
+    def check(self, c: _Checks) -> None:
+        c.at_least(1, "num_samples", "grid_steps", "grace_period")
+        c.at_least(2, "reduction_factor")
+        c.at_least(0, "max_concurrent_trials", "workers_per_trial", "data_cpus_per_trial", "max_failures")
+        c.positive("dirichlet_alpha")
+        if len(set(self.kinds)) != len(self.kinds):
+            c.fail("kinds", "a kind is listed twice")
+        if any(not lr > 0 for lr in self.lr_choices):
+            c.fail("lr_choices", "every learning rate must be > 0")
 
 
 @dataclass
@@ -186,6 +290,12 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     """Checks (and where lossless, converts) a YAML value against a field's type."""
     origin = typing.get_origin(hint)
     if hint is Any:
+        return value
+    if origin is Literal:
+        allowed = typing.get_args(hint)
+        if value not in allowed or isinstance(value, bool):
+            shown = " | ".join(repr(a) if a == "" else str(a) for a in allowed)
+            raise ConfigError(f"{key}: expected one of {shown}, got {value!r}")
         return value
     if dataclasses.is_dataclass(hint):
         if not isinstance(value, dict):
@@ -227,8 +337,11 @@ def _build(cls: type, values: dict, prefix: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - names)
+    where = f"{prefix}." if prefix else ""
+    renamed = [f"{where}{u} is now {RENAMED[where + u]}" for u in unknown if where + u in RENAMED]
+    if renamed:
+        raise ConfigError("renamed config key(s): " + "; ".join(renamed))
     if unknown:
-        where = f"{prefix}." if prefix else ""
         raise ConfigError(
             f"unknown config key(s): {', '.join(where + u for u in unknown)} "
             f"(known under {prefix or 'the top level'}: {', '.join(sorted(names))})"
@@ -242,8 +355,22 @@ def to_dict(config: Any) -> dict:
 
 
 def from_dict(tree: dict) -> Config:
-    """The inverse of ``to_dict`` (what Ray ships to workers is a plain dict), type-checked again."""
-    return _build(Config, _with_defaults(Config, tree))
+    """The inverse of ``to_dict`` (what Ray ships to workers is a plain dict), checked again."""
+    return validate(_build(Config, _with_defaults(Config, tree)))
+
+
+def validate(config: Config) -> Config:
+    """Every section's own checks (ranges, closed sets, fields that must agree), all problems at once.
+    Checks that need the cluster or the data (datasets for the ratios, GPUs) are the jobs' pre-flight."""
+    problems = []
+    for f in dataclasses.fields(config):
+        section = getattr(config, f.name)
+        checks = _Checks(f.name, section)
+        section.check(checks)
+        problems += checks.problems
+    if problems:
+        raise ConfigError("; ".join(problems))
+    return config
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
@@ -266,6 +393,8 @@ def _validate_dotted(dotted: str) -> None:
             raise ConfigError(f"{dotted}: {'.'.join(dotted.split('.')[:i])} has no sub-keys")
         hints = typing.get_type_hints(cls)
         if part not in hints:
+            if dotted in RENAMED:
+                raise ConfigError(f"renamed config key: {dotted} is now {RENAMED[dotted]}")
             known = ", ".join(sorted(hints))
             raise ConfigError(f"unknown config key: {dotted} (known at this level: {known})")
         cls = hints[part]
@@ -325,7 +454,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
                 "e.g. key='\"text\"'"
             ) from None
         _set_dotted(tree, dotted, value)
-    return _build(Config, tree)
+    return validate(_build(Config, tree))
 
 
 def dump_config(config: Config) -> str:

@@ -46,8 +46,8 @@ def ray_head(tmp_path_factory):
     """A real token-auth ``ray start --head`` of this session (its own ports, temp dir and HOME), for
     ``ray job submit``. Its processes get S3 and MLflow credentials with unique values
     (``head.extra_env``), so that the secrets drill can tell any copy of them."""
-    from pipeline.drills.faults import secret_env
     from pipeline.drills.head import RayHead
+    from pipeline.drills.job_faults import secret_env
 
     with RayHead(tmp_path_factory.mktemp("ray-home"), extra_env=secret_env()) as head:
         yield head

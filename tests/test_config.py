@@ -103,3 +103,97 @@ def test_jobs_print_yaml_errors_without_a_traceback(tmp_path, job, args, said):
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith("config error: ") and said.replace("BAD", str(bad)) in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def closed_sets() -> list[tuple[str, tuple]]:
+    """Every config field whose values are a closed set (``Literal``, or a list of one), as (dotted key,
+    allowed values)."""
+    import typing
+
+    found = []
+    for section, cls in typing.get_type_hints(Config).items():
+        for name, hint in typing.get_type_hints(cls).items():
+            if typing.get_origin(hint) is list:
+                (hint,) = typing.get_args(hint)
+            if typing.get_origin(hint) is typing.Literal:
+                found.append((f"{section}.{name}", typing.get_args(hint)))
+    return found
+
+
+def test_the_closed_sets_are_the_expected_ones():
+    keys = {key for key, _ in closed_sets()}
+    assert keys == {
+        "prepare.source",
+        "prepare.image_format",
+        "data.on_corrupt_shard",
+        "model.preset",
+        "train.precision",
+        "tune.kinds",
+        "tune.search",
+        "tune.scheduler",
+    }
+
+
+@pytest.mark.parametrize(("key", "allowed"), closed_sets(), ids=lambda v: v if isinstance(v, str) else "")
+def test_a_value_outside_a_closed_set_names_the_key_and_the_allowed_values(key, allowed):
+    value = "[nonsense]" if key == "tune.kinds" else "nonsense"
+    with pytest.raises(ConfigError) as error:
+        load_config(None, [f"{key}={value}"])
+    message = str(error.value)
+    assert message.startswith(key) and "nonsense" in message
+    assert all(str(a) in message for a in allowed if a), message
+    for good in allowed:  # and every allowed value is accepted
+        load_config(None, [f"{key}={[good] if key == 'tune.kinds' else repr(good) if good == '' else good}"])
+
+
+def test_presets_and_sources_agree_with_their_implementations():
+    import typing
+
+    from model.presets import PRESETS
+    from pipeline.config import PRESET_NAMES, ModelConfig, PrepareConfig
+    from pipeline.shards.sources import SOURCES
+
+    assert (
+        set(PRESET_NAMES)
+        == set(PRESETS)
+        == set(typing.get_args(typing.get_type_hints(ModelConfig)["preset"]))
+    )
+    assert set(typing.get_args(typing.get_type_hints(PrepareConfig)["source"])) == {"", *SOURCES}
+
+
+def test_a_renamed_key_names_its_successor(tmp_path):
+    with pytest.raises(ConfigError, match=r"train\.bf16 is now train\.precision \(fp32 \| bf16\)"):
+        load_config(None, ["train.bf16=false"])
+    with pytest.raises(ConfigError, match=r"train\.bf16 is now train\.precision"):
+        load_config(write(tmp_path, "train:\n  bf16: true\n"))
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("train.num_workers=0", "train.num_workers = 0: must be >= 1"),
+        ("train.lr=0", "train.lr = 0.0: must be > 0"),
+        ("train.min_lr_ratio=2", "train.min_lr_ratio = 2.0: must be in [0, 1]"),
+        ("train.betas=[0.9]", "train.betas = [0.9]: must be two numbers in [0, 1)"),
+        ("data.batch_size=0", "data.batch_size = 0: must be >= 1"),
+        ("data.mlm_probability=1.5", "data.mlm_probability = 1.5: must be in [0, 1)"),
+        ("data.ratios={image: -1}", "data.ratios = {'image': -1.0}: must be finite and non-negative"),
+        ("data.ratios={image: 0}", "all ratios are zero"),
+        ("data.ratios.imagez=1", "data.ratios = "),
+        ("model.loss_weights={mimm: 1}", "unknown loss(es) ['mimm']"),
+        ("prepare.image_size=100", "prepare.image_size = 100: must be a multiple of prepare.patch_size=16"),
+        ("tune.reduction_factor=1", "tune.reduction_factor = 1: must be >= 2"),
+        ("tune.kinds=[text, text]", "a kind is listed twice"),
+        ("storage.s3_max_attempts=0", "storage.s3_max_attempts = 0: must be >= 1"),
+    ],
+)
+def test_ranges_and_fields_that_must_agree_are_checked_at_load(override, message):
+    with pytest.raises(ConfigError) as error:
+        load_config(None, [override])
+    assert message in str(error.value)
+
+
+def test_every_problem_is_reported_at_once():
+    with pytest.raises(ConfigError) as error:
+        load_config(None, ["train.steps=0", "data.batch_size=0"])
+    assert "train.steps" in str(error.value) and "data.batch_size" in str(error.value)

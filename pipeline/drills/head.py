@@ -7,6 +7,7 @@ process stops exactly the cluster it started (``ray stop`` would stop every Ray 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -15,6 +16,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 RAY = Path(sys.executable).parent / "ray"
@@ -60,6 +63,23 @@ class RayHead:
         if args and args[0] == "job":
             argv[3:3] = ["--address", self.address]
         return subprocess.run(argv, env=env or self.env, capture_output=True, text=True, timeout=timeout)
+
+    def job_info(self, submission_id: str) -> dict:
+        """The job as Ray's job REST API describes it (``status``: PENDING, RUNNING, STOPPED, SUCCEEDED,
+        FAILED; ``driver_exit_code``, ...), with the cluster's token; {} for a job it does not know (yet)."""
+        request = urllib.request.Request(
+            f"{self.address}/api/jobs/{submission_id}", headers={"Authorization": f"Bearer {self.token}"}
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=30) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as e:
+            if e.code == 404:
+                return {}
+            raise
+
+    def job_status(self, submission_id: str) -> str:
+        return self.job_info(submission_id).get("status", "UNKNOWN")
 
     def __enter__(self) -> RayHead:
         self.home.mkdir(parents=True, exist_ok=True)

@@ -169,10 +169,6 @@ def plan(prep: PrepareConfig, storage_cfg: StorageConfig) -> list[DatasetPlan]:
     kind = kind_of(prep.source)
     if not prep.output:
         raise PrepareError("prepare.output is empty: give a directory or s3:// URI for the shards")
-    if not 0.0 <= prep.val_fraction < 1.0:
-        raise PrepareError(f"prepare.val_fraction must be in [0, 1), got {prep.val_fraction}")
-    if prep.image_format not in ("png", "jpeg"):
-        raise PrepareError(f"prepare.image_format must be png or jpeg, got {prep.image_format!r}")
     refs = list_refs(prep.source, prep.inputs, prep.captions, storage_cfg)
     bad = [r for r in refs if r.skip]
     if prep.strict and bad:

@@ -5,14 +5,13 @@ All three step-time setups run ``loop.optimizer_step`` on the same pre-built bat
 from the train shards, so no data pipeline is timed) with the same number of torch threads:
 
   bare             a plain process, unsharded module
-  bare + FSDP2     a plain process, FSDP2 over a world-size-1 gloo group (what sharding alone costs)
-  TorchTrainer     one Ray Train worker with the training loop's model setup (``build_sharded``: with
-                   one rank there is nothing to shard, so it trains the plain module like ``bare``)
+  bare + FSDP2     a plain process, ``parallelize`` over a world-size-1 gloo group (what sharding costs)
+  TorchTrainer     one Ray Train worker with the training loop's model setup (``build_sharded``, which
+                   parallelizes at every world size: compare it with ``bare + FSDP2``)
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import socket
 import statistics
@@ -26,7 +25,7 @@ from mlflow.tracking import MlflowClient
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from model import build_flava
-from model.sharding import shard_model
+from model.sharding import parallelize
 from pipeline.config import Config, from_dict, to_dict
 from pipeline.data.datasets import image_size_of, transform_params
 from pipeline.data.mixing import KindSampler, validate_ratios
@@ -35,7 +34,7 @@ from pipeline.data.validation import held_out_batches
 from pipeline.shards.format import read_manifest
 from pipeline.train.data_setup import fix_tokenizer
 from pipeline.train.launch import resolve_paths, run_pretraining
-from pipeline.train.loop import build_sharded, expected_losses, model_kwargs, optimizer_step
+from pipeline.train.loop import build_sharded, model_kwargs, optimizer_step
 from pipeline.train.optim import build_optimizer, build_scheduler
 
 
@@ -74,19 +73,11 @@ def step_batches(config: Config, steps: int, per_kind: int = 4) -> tuple[list[di
 
 def time_steps(model, optimizer, scheduler, batches: list[dict], warmup: int) -> list[float]:
     """Seconds per optimizer step after ``warmup`` untimed steps."""
-    loss_weights = model.spec.loss_weights
     times = []
     for i, batch in enumerate(batches):
         t0 = time.perf_counter()
         optimizer_step(
-            model,
-            optimizer,
-            scheduler,
-            iter([to_torch(batch)]),
-            1,
-            1.0,
-            contextlib.nullcontext,
-            expected_losses(batch["kind"], loss_weights),
+            model, optimizer, scheduler, iter([to_torch(batch)]), 1, 1.0, model.spec.losses_for(batch["kind"])
         )
         if i >= warmup:
             times.append(time.perf_counter() - t0)
@@ -106,7 +97,8 @@ def bare(config: Config, batches: list[dict], vocab: int, warmup: int, fsdp: boo
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     try:
         torch.manual_seed(config.train.seed)
-        model = shard_model(build_flava(config.model.preset, **model_kwargs(config, vocab)))
+        model = build_flava(config.model.preset, **model_kwargs(config, vocab))
+        model = parallelize(model, precision=config.train.precision)
         optimizer = build_optimizer(model, config.train)
         return time_steps(model, optimizer, build_scheduler(optimizer, config.train), batches, warmup)
     finally:

@@ -1,10 +1,15 @@
-"""Sharded training checkpoints (torch.distributed.checkpoint) with an atomic completion rule.
+"""A run's training state: when it is saved, what a complete checkpoint is, what is kept and loaded.
+
+The state is a set of parts: the model and the optimizer, saved with ``torch.distributed.checkpoint``
+(sharded, reshardable to another world size), and named stateful parts (the schedule, the data stream,
+the training progress, ...) that each give a JSON-serialisable ``state_dict()`` and take it back with
+``load_state_dict()``. ``CheckpointManager`` is the only code that knows the layout.
 
 Layout of one checkpoint directory ``<storage>/<run_name>/checkpoint_step<step:08d>/``, assembled by
 Ray Train from every rank's upload of its own staging directory:
 
-  .metadata, __<rank>_0.distcp   DCP files of the FSDP2 model and optimizer state (resharding-capable)
-  extra_state.json               rank 0: step, scheduler, stream state, samples per kind, MLflow run id
+  .metadata, __<rank>_0.distcp   DCP files of the FSDP2 model and optimizer state
+  extra_state.json               rank 0: every named part's state, the run's MLflow id, world size, nonce
   rng-rank<r>.pt                 each rank's torch CPU/CUDA RNG states (dropout), for an exact continuation
   _complete-rank<r>.json         each rank's marker, written last: the save's nonce + its files and sizes
 
@@ -19,22 +24,34 @@ import json
 import logging
 import os
 import re
+import shutil
+import tempfile
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import pyarrow.fs as pafs
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+from pipeline.config import TrainConfig
+from pipeline.train import events
+from pipeline.train.collectives import barrier, broadcast_from_rank0, rank_world
 
 log = logging.getLogger(__name__)
 
 EXTRA_STATE = "extra_state.json"
 FORMAT_VERSION = 1
 _DIR_RE = re.compile(r"^checkpoint_step(\d{8})$")
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
 
 
 def dir_name(step: int) -> str:
@@ -49,32 +66,17 @@ def _rng_file(rank: int) -> str:
     return f"rng-rank{rank}.pt"
 
 
-def _rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _broadcast(obj):
-    """Rank 0's value on every rank (identity without a process group)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def save(
     staging_dir: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer, extra: dict
 ) -> None:
     """Collective: every rank writes its part of the checkpoint into its own local ``staging_dir``.
 
-    ``extra`` is rank 0's (JSON-serialisable) training state; other ranks' ``extra`` is ignored.
+    ``extra`` is rank 0's (JSON-serialisable) state of the named parts; other ranks' ``extra`` is ignored.
     """
-    rank, world = _rank_world()
+    rank, world = rank_world()
     staging = Path(staging_dir)
     staging.mkdir(parents=True, exist_ok=True)
-    nonce = _broadcast(uuid.uuid4().hex)
+    nonce = broadcast_from_rank0(uuid.uuid4().hex)
     model_sd, optim_sd = get_state_dict(model, optimizer)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(staging))
     if rank == 0:
@@ -148,7 +150,7 @@ def find_latest(fs: pafs.FileSystem, run_dir: str) -> Found | None:
 def load(local_dir: str | os.PathLike, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
     """Collective: restores model and optimizer (any world size) and, where the world size is the one
     that saved, this rank's RNG. Returns the extra state."""
-    rank, world = _rank_world()
+    rank, world = rank_world()
     local = Path(local_dir)
     extra = json.loads((local / EXTRA_STATE).read_text())
     model_sd, optim_sd = get_state_dict(model, optimizer)
@@ -161,3 +163,76 @@ def load(local_dir: str | os.PathLike, model: nn.Module, optimizer: torch.optim.
         if rng["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state(rng["cuda"])
     return extra
+
+
+def retention(train: TrainConfig):
+    """How many reported checkpoints Ray Train keeps (it deletes older ones as new ones arrive)."""
+    import ray.train
+
+    return ray.train.CheckpointConfig(num_to_keep=train.keep_checkpoints)
+
+
+class CheckpointManager:
+    """The checkpoints of one run, seen from a Train worker (collective: every rank calls every method).
+
+    ``parts`` are the named stateful parts besides model and optimizer; ``meta`` is what the driver reads
+    back without loading anything (the MLflow run id)."""
+
+    def __init__(
+        self,
+        fs: pafs.FileSystem,
+        run_dir: str,
+        *,
+        every: int,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        parts: dict[str, Stateful],
+        meta: dict | None = None,
+    ):
+        self.fs, self.run_dir, self.every = fs, run_dir, every
+        self.model, self.optimizer, self.parts = model, optimizer, parts
+        self.meta = dict(meta or {})
+        self.rank = rank_world()[0]
+
+    def should_save(self, step: int) -> bool:
+        return step % self.every == 0
+
+    def save(self, step: int, metrics: dict) -> None:
+        """Every rank stages its part locally and reports it; Ray Train uploads each rank's part into the
+        same checkpoint directory. Once every rank has uploaded, rank 0 records the ``checkpoint`` event."""
+        import ray.train
+
+        extra = {**self.meta, **{name: part.state_dict() for name, part in self.parts.items()}}
+        staging = Path(tempfile.mkdtemp(prefix="flava-ckpt-"))
+        try:
+            save(staging, self.model, self.optimizer, extra)
+            ray.train.report(
+                metrics,
+                checkpoint=ray.train.Checkpoint.from_directory(str(staging)),
+                checkpoint_dir_name=dir_name(step),
+            )
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        barrier()
+        if self.rank == 0:
+            events.record(
+                self.fs, self.run_dir, "checkpoint", step=step, path=f"{self.run_dir}/{dir_name(step)}"
+            )
+
+    def restore(self) -> Found | None:
+        """Loads every part from the newest complete checkpoint (rank 0 picks it: Ray's
+        ``get_checkpoint()`` names only the one its snapshot knows, which may be newer than the last
+        complete one). Returns it, or None for a fresh start."""
+        import ray.train
+
+        found = broadcast_from_rank0(find_latest(self.fs, self.run_dir) if self.rank == 0 else None)
+        if found is None:
+            latest = ray.train.get_checkpoint()
+            if latest is not None:  # e.g. the only checkpoint's upload was cut: start over, say so
+                log.warning("checkpoint %s is incomplete: starting from step 0", latest.path)
+            return None
+        with ray.train.Checkpoint(path=found.path, filesystem=self.fs).as_directory() as local:
+            extra = load(local, self.model, self.optimizer)
+        for name, part in self.parts.items():
+            part.load_state_dict(extra[name])
+        return found

@@ -18,18 +18,12 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn
 
 RETRIEVAL_KS = (1, 5)
-
-
-def to_device(batch: dict, device: torch.device) -> dict:
-    return {
-        k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()
-    }
 
 
 def retrieval_metrics(
@@ -66,15 +60,14 @@ def objective(metrics: dict[str, float], text_vocab_size: int, mim_vocab_size: i
 def evaluate(
     model: nn.Module,
     val_batches: dict[str, Iterable[dict]],
-    device: torch.device,
-    autocast: Callable[[], object],
     text_vocab_size: int,
     mim_vocab_size: int,
 ) -> dict[str, float]:
     """Mean held-out losses per kind, retrieval on the image-text pairs, and ``val/objective``.
 
-    Collective under FSDP: every rank must pass the same batches (the held-out set is small and read
-    identically by all ranks), so all ranks run the same forwards and compute the same metrics.
+    ``val_batches`` are torch batches on the model's device (``WorkerData.val_batches``). Collective
+    under FSDP: every rank must pass the same batches (the held-out set is small and read identically by
+    all ranks), so all ranks run the same forwards and compute the same metrics.
     """
     was_training = model.training
     model.eval()
@@ -84,15 +77,13 @@ def evaluate(
         rows = 0
         images, texts, ids = [], [], []
         for batch in batches:
-            batch = to_device(batch, device)
             size = next(v for v in batch.values() if isinstance(v, torch.Tensor)).shape[0]
-            with autocast():
-                out = model(batch)
-                if kind == "image_text":  # ITM negatives carry another sample's caption: true pairs only
-                    keep = batch["itm_labels"] == 1 if "itm_labels" in batch else slice(None)
-                    images.append(model.encode_image(batch["pixel_values"])[keep])
-                    texts.append(model.encode_text(batch["input_ids"], batch["attention_mask"])[keep])
-                    ids.append(batch["input_ids"][keep])
+            out = model(batch)
+            if kind == "image_text":  # ITM negatives carry another sample's caption: true pairs only
+                keep = batch["itm_labels"] == 1 if "itm_labels" in batch else slice(None)
+                images.append(model.encode_image(batch["pixel_values"])[keep])
+                texts.append(model.encode_text(batch["input_ids"], batch["attention_mask"])[keep])
+                ids.append(batch["input_ids"][keep])
             for name, value in out.losses.items():
                 sums[name] += value.item() * size
             sums["total"] += out.loss.item() * size

@@ -25,7 +25,7 @@ from pipeline.data.mixing import validate_ratios
 from pipeline.data.tokenizer import load_tokenizer
 from pipeline.shards.format import Manifest, ShardIntegrityError, verify_dataset
 from pipeline.train import checkpoint as ckpt
-from pipeline.train import tracking
+from pipeline.train import events, tracking
 from pipeline.train.data_setup import build_train_datasets, fix_tokenizer
 from pipeline.train.loop import model_kwargs, train_loop_per_worker
 
@@ -85,12 +85,6 @@ def validate_inputs(config: Config) -> dict[str, Manifest]:
         validate_ratios(config.data.ratios, [k for k, v in config.data.train.items() if v])
     except ValueError as e:
         raise InputError(str(e)) from e
-    train = config.train
-    for name in ("steps", "num_workers", "grad_accum", "checkpoint_every", "log_every"):
-        if getattr(train, name) <= 0:
-            raise InputError(f"train.{name} = {getattr(train, name)}: must be positive")
-    if config.data.batch_size <= 0:
-        raise InputError(f"data.batch_size = {config.data.batch_size}: must be positive")
     text_vocab_size = config.data.vocab_size  # until one is trained; only image geometry is compared
     if config.data.tokenizer:
         try:
@@ -145,18 +139,11 @@ def start_tracking(config: Config, manifests: dict[str, Manifest]) -> str:
     """Finds or creates the MLflow run (continuing the latest checkpoint's) and logs what the driver knows."""
     fs, path = storage.resolve(run_dir(config), config.storage)
     found = ckpt.find_latest(fs, path)
-    prior = found.extra.get("mlflow_run_id", "") if found else ""
-    run_id = tracking.find_or_create_run(
-        config.mlflow.tracking_uri, config.mlflow, run_dir(config), config.train.run_name, prior
-    )
-    tracker = tracking.Tracker(config.mlflow.tracking_uri, run_id)
-    params = tracking.flatten(tracking.redact(to_dict(config)))
-    params.update(tracking.environment_params(ROOT))
+    params = tracking.environment_params(ROOT)
     params.update({f"data.identity.{name}": m.identity() for name, m in manifests.items()})
     params.update({f"data.rows.{name}": str(m.rows) for name, m in manifests.items()})
-    tracker.log_params(params)
-    tracker.log_text(tracking.resolved_config_yaml(config), "config/resolved.yaml")
-    return run_id
+    prior = found.extra.get("mlflow_run_id", "") if found else ""
+    return tracking.start_run(config, run_dir(config), prior, params)
 
 
 def open_train_data(config: Config) -> tuple[Config, TrainData]:
@@ -199,7 +186,7 @@ def build_trainer(
             storage_path=storage_path,
             storage_filesystem=storage_filesystem,
             failure_config=ray.train.FailureConfig(max_failures=train.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=train.keep_checkpoints),
+            checkpoint_config=ckpt.retention(train),
             callbacks=callbacks or [],
         ),
         datasets=data.datasets,
@@ -227,22 +214,37 @@ class PretrainResult:
 
 def run_pretraining(config: Config, callbacks: list | None = None) -> PretrainResult:
     """Validates, opens the MLflow run, trains to ``train.steps`` (resuming the run name's latest complete
-    checkpoint), exports the model; the MLflow run ends FINISHED or FAILED with the job."""
+    checkpoint), exports the model; the MLflow run ends FINISHED or FAILED with the job, and so does the
+    run's event log (``pipeline.train.events``)."""
     config = resolve_paths(config)
     manifests = validate_inputs(config)
     check_cluster_cpus(config)
     config, data = open_train_data(config)  # every train shard checked (checksums) before the run opens
     run_id = start_tracking(config, manifests)
     tracker = tracking.Tracker(config.mlflow.tracking_uri, run_id)
+    fs, path = storage.resolve(run_dir(config), config.storage)
+    events.record(
+        fs,
+        path,
+        "job_start",
+        run_name=config.train.run_name,
+        num_workers=config.train.num_workers,
+        mlflow_run_id=run_id,
+    )
+
+    def end(status: str, cause: str = "") -> None:
+        tracker.finish(status)
+        events.record(fs, path, "job_end", status=status, cause=cause)
+
     try:
         result = build_trainer(config, run_id, callbacks, data).fit()
     except (KeyboardInterrupt, SystemExit):  # Ctrl+C, or SIGTERM from ``ray job stop`` (jobs/pretrain.py)
-        tracker.finish("KILLED")
+        end("KILLED")
         raise
-    except BaseException:
-        tracker.finish("FAILED")
+    except BaseException as e:
+        end("FAILED", failure_summary(e))
         raise
-    tracker.finish("FINISHED")
+    end("FINISHED")
     metrics = dict(result.metrics or {})
     return PretrainResult(
         tracking_uri=config.mlflow.tracking_uri,

@@ -3,38 +3,35 @@
 Per step all ranks draw the same batch kind from the mixed stream, run ``grad_accum`` micro-batches of
 it through the FSDP2-sharded model, clip, step AdamW and the schedule. Rank 0 logs to MLflow and prints
 progress; every ``val_every`` steps all ranks validate and report the metrics (``val/objective`` for
-Tune); every ``checkpoint_every`` steps all ranks write their part of a sharded checkpoint and hand it to
-``ray.train.report``. A (re)started worker group resumes from the newest complete checkpoint of the run.
+Tune); the checkpoint manager saves the training state when it is due. A (re)started worker group
+resumes from the newest complete checkpoint of the run.
 """
 
 from __future__ import annotations
 
-import contextlib
+import importlib.util
 import logging
 import shutil
 import tempfile
 import time
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import pyarrow.fs as pafs
 import ray.train
 import ray.train.torch
 import torch
-import torch.distributed as dist
-from ray.train import Checkpoint
-from ray.train.v2._internal.execution import context as train_context
-from torch.distributed._composable import checkpoint as activation_checkpoint
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from torch.distributed.fsdp import register_fsdp_forward_method
 
 from model import FlavaForPretraining, build_flava, load_hf_checkpoint, save_hf_checkpoint
-from model.sharding import shard_model
+from model.sharding import parallelize
 from pipeline import storage
 from pipeline.config import KINDS, Config, from_dict
 from pipeline.data.tokenizer import load_tokenizer
-from pipeline.train import checkpoint as ckpt
+from pipeline.train import events
+from pipeline.train.checkpoint import CheckpointManager
+from pipeline.train.collectives import mean_across_ranks, rank_world
 from pipeline.train.data_setup import WorkerData
 from pipeline.train.evaluate import evaluate
 from pipeline.train.optim import build_optimizer, build_scheduler
@@ -42,21 +39,10 @@ from pipeline.train.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
-# which losses a batch of each kind must run (those with a positive weight)
-LOSSES_BY_KIND = {
-    "image": ("mim",),
-    "text": ("mlm",),
-    "image_text": ("global_contrastive", "itm", "mmm_image", "mmm_text"),
-}
-
-
-def expected_losses(kind: str, loss_weights: dict[str, float]) -> set[str]:
-    return {name for name in LOSSES_BY_KIND[kind] if loss_weights[name] > 0}
-
 
 @dataclass
 class Progress:
-    """Everything besides tensors and the stream that a resumed run needs (checkpoint extra state)."""
+    """Counters of the run so far (a stateful part of the checkpoint)."""
 
     step: int = 0
     samples: dict[str, int] = field(default_factory=lambda: dict.fromkeys(KINDS, 0))  # global, per kind
@@ -64,6 +50,13 @@ class Progress:
     loss_runs: dict[str, dict[str, int]] = field(default_factory=lambda: {k: {} for k in KINDS})
     time_step_s: float = 0.0  # summed over the steps trained: the run's data-wait fraction
     time_data_s: float = 0.0
+
+    def state_dict(self) -> dict:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        for f in fields(self):
+            setattr(self, f.name, state[f.name])
 
 
 def model_kwargs(config: Config, text_vocab_size: int) -> dict:
@@ -79,21 +72,17 @@ def model_kwargs(config: Config, text_vocab_size: int) -> dict:
 
 
 def build_sharded(config: Config, text_vocab_size: int, device: torch.device):
-    """(model, AdamW, schedule), identically initialised on every rank; FSDP2-sharded over 2+ ranks
-    (collective)."""
+    """(model, AdamW, schedule), identically initialised on every rank, then ``parallelize``d (collective)."""
     torch.manual_seed(config.train.seed)  # identical initial weights on every rank before sharding
     if config.model.init_checkpoint:
         model = load_hf_checkpoint(storage.localize_dir(config.model.init_checkpoint, config.storage))
     else:
         model = build_flava(config.model.preset, **model_kwargs(config, text_vocab_size))
-    model = model.to(device)
-    if dist.is_initialized() and dist.get_world_size() > 1:  # one rank has nothing to shard: skip the hooks
-        shard_model(model, activation_checkpointing=config.model.activation_checkpointing)
-        for method in ("encode_image", "encode_text"):  # FSDP2 unshards the root only around forward()
-            register_fsdp_forward_method(model, method)
-    elif config.model.activation_checkpointing:
-        for layer in model.transformer_layers():
-            activation_checkpoint(layer)
+    model = parallelize(
+        model.to(device),
+        precision=config.train.precision,
+        activation_checkpointing=config.model.activation_checkpointing,
+    )
     optimizer = build_optimizer(model, config.train)
     return model, optimizer, build_scheduler(optimizer, config.train)
 
@@ -111,16 +100,6 @@ def _fmt_eta(seconds: float) -> str:
     return f"{minutes}m{secs:02d}s"
 
 
-def _mean_across_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
-    """One all-reduce for a dict of scalars (every rank has the same keys: same kind, same losses)."""
-    names = sorted(values)
-    packed = torch.tensor([values[n] for n in names], dtype=torch.float64, device=device)
-    if dist.is_initialized():
-        dist.all_reduce(packed)
-        packed /= dist.get_world_size()
-    return dict(zip(names, packed.tolist(), strict=True))
-
-
 def _progress_line(step: int, steps: int, kind: str, metrics: dict, eta_s: float) -> str:
     prefix = f"train/{kind}/"
     losses = " ".join(
@@ -136,16 +115,8 @@ def _progress_line(step: int, steps: int, kind: str, metrics: dict, eta_s: float
     )
 
 
-def _broadcast(obj):
-    if not dist.is_initialized():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
 def optimizer_step(
-    model, optimizer, scheduler, batches, accum: int, grad_clip: float, autocast, expected: set[str]
+    model, optimizer, scheduler, batches, accum: int, grad_clip: float, expected: frozenset[str]
 ) -> tuple[Counter, float, float, float]:
     """One optimizer step over ``accum`` micro-batches drawn from the iterator ``batches``.
 
@@ -160,8 +131,7 @@ def optimizer_step(
         wait += time.perf_counter() - t_wait
         if hasattr(model, "set_requires_gradient_sync"):  # FSDP2: reduce-scatter once, on the last one
             model.set_requires_gradient_sync(micro == accum - 1)
-        with autocast():
-            out = model(batch)
+        out = model(batch)
         if set(out.losses) != expected:
             raise RuntimeError(
                 f"a {batch['kind']!r} batch ran losses {sorted(out.losses)}, expected {sorted(expected)}"
@@ -184,22 +154,24 @@ class Trainer:
 
     def __init__(self, config: Config, spec, mlflow_run_id: str, device: torch.device):
         self.config, self.train, self.device = config, config.train, device
-        self.rank = dist.get_rank() if dist.is_initialized() else 0
-        self.world = dist.get_world_size() if dist.is_initialized() else 1
-        self.mlflow_run_id = mlflow_run_id
-        bf16 = device.type == "cuda" and self.train.bf16
-        self.autocast = (
-            (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
-        )
-
+        self.rank, self.world = rank_world()
         self.data = WorkerData(config, spec, device)
         self.model, self.optimizer, self.scheduler = build_sharded(config, self.data.text_vocab_size, device)
         self.spec = self.model.spec
         self.progress = Progress()
-        self.expected = {kind: expected_losses(kind, self.spec.loss_weights) for kind in KINDS}
+        self.expected = {kind: self.spec.losses_for(kind) for kind in KINDS}
         self.global_batch = config.data.batch_size * self.train.grad_accum * self.world
         self.run_fs, self.run_dir = storage.resolve(
             storage.join(self.train.storage_path, self.train.run_name), config.storage
+        )
+        self.checkpoints = CheckpointManager(
+            self.run_fs,
+            self.run_dir,
+            every=self.train.checkpoint_every,
+            model=self.model,
+            optimizer=self.optimizer,
+            parts={"scheduler": self.scheduler, "stream": self.data.stream, "progress": self.progress},
+            meta={"mlflow_run_id": mlflow_run_id},
         )
         self.tracker = Tracker(config.mlflow.tracking_uri, mlflow_run_id) if self.rank == 0 else None
 
@@ -208,20 +180,18 @@ class Trainer:
             log.info(message)
 
     def resume(self) -> None:
-        """Rank 0 picks the newest complete checkpoint (Ray's ``get_checkpoint()`` names only the one its
-        snapshot knows, which may be newer than the last complete one); every rank then loads it."""
-        found = _broadcast(ckpt.find_latest(self.run_fs, self.run_dir) if self.rank == 0 else None)
-        if found is None:
-            latest = ray.train.get_checkpoint()
-            if latest is not None:  # e.g. the only checkpoint's upload was cut: start over, say so
-                log.warning("checkpoint %s is incomplete: starting from step 0", latest.path)
-            return
-        with Checkpoint(path=found.path, filesystem=self.run_fs).as_directory() as local:
-            extra = ckpt.load(local, self.model, self.optimizer)
-        self.scheduler.load_state_dict(extra["scheduler"])
-        self.data.stream.load_state_dict(extra["stream"])
-        self.progress = Progress(**extra["progress"])
-        self.log(f"[train] resumed from {found.path} at step {self.progress.step}")
+        found = self.checkpoints.restore()
+        if self.rank == 0:
+            events.record(
+                self.run_fs,
+                self.run_dir,
+                "train_start",
+                world_size=self.world,
+                step=self.progress.step,
+                resumed_from=found.path if found else None,
+            )
+        if found is not None:
+            self.log(f"[train] resumed from {found.path} at step {self.progress.step}")
 
     def step(self) -> dict[str, float]:
         t0 = time.perf_counter()
@@ -235,7 +205,6 @@ class Trainer:
             batches,
             accum,
             self.train.grad_clip,
-            self.autocast,
             self.expected[kind],
         )
         p = self.progress
@@ -247,7 +216,7 @@ class Trainer:
         step_time = time.perf_counter() - t0
         p.time_step_s += step_time
         p.time_data_s += wait
-        metrics = {f"train/{kind}/{n}": v for n, v in _mean_across_ranks(dict(losses), self.device).items()}
+        metrics = {f"train/{kind}/{n}": v for n, v in mean_across_ranks(dict(losses), self.device).items()}
         metrics.update(
             {
                 "train/lr": lr,
@@ -265,12 +234,7 @@ class Trainer:
 
     def validate(self) -> dict[str, float]:
         metrics = evaluate(
-            self.model,
-            self.data.val_batches(),
-            self.device,
-            self.autocast,
-            self.spec.text_vocab_size,
-            self.spec.mim_vocab_size,
+            self.model, self.data.val_batches(), self.spec.text_vocab_size, self.spec.mim_vocab_size
         )
         if self.tracker is not None:
             self.tracker.add(self.progress.step, metrics)
@@ -293,25 +257,6 @@ class Trainer:
         out.update({f"loss_runs/{k}/{n}": c for k, runs in p.loss_runs.items() for n, c in runs.items()})
         return out
 
-    def checkpoint_and_report(self, metrics: dict) -> None:
-        """Every rank stages its part locally; Ray uploads each into the same checkpoint directory."""
-        extra = {
-            "scheduler": self.scheduler.state_dict(),
-            "stream": self.data.stream.state_dict(),
-            "progress": asdict(self.progress),
-            "mlflow_run_id": self.mlflow_run_id,
-        }
-        staging = Path(tempfile.mkdtemp(prefix="flava-ckpt-"))
-        try:
-            ckpt.save(staging, self.model, self.optimizer, extra)
-            ray.train.report(
-                metrics,
-                checkpoint=Checkpoint.from_directory(str(staging)),
-                checkpoint_dir_name=ckpt.dir_name(self.progress.step),
-            )
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-
     def export(self) -> str:
         """Collective gather of the full weights; rank 0 writes the transformers layout (plus the run's
         tokenizer) to ``<run>/hf_model`` and to the MLflow artifact ``model``. Returns the URI (rank 0)."""
@@ -323,13 +268,14 @@ class Trainer:
         plain = FlavaForPretraining(self.spec)  # the trained architecture, also for an init checkpoint
         plain.load_state_dict(full)
         local = Path(tempfile.mkdtemp(prefix="flava-export-"))
+        target = f"{self.run_dir}/hf_model"
+        uri = target if isinstance(self.run_fs, pafs.LocalFileSystem) else f"s3://{target}"
         try:
             save_hf_checkpoint(plain, local)
             data = self.config.data
             load_tokenizer(data.tokenizer, data.max_text_length, self.config.storage).save(
                 str(local), self.config.storage
             )
-            target = f"{self.run_dir}/hf_model"
             self.run_fs.create_dir(target, recursive=True)
             pafs.copy_files(
                 str(local),
@@ -337,11 +283,10 @@ class Trainer:
                 source_filesystem=pafs.LocalFileSystem(),
                 destination_filesystem=self.run_fs,
             )
-            self.tracker.log_dir(str(local), "model")
+            self.tracker.log_model(str(local), uri)
         finally:
             shutil.rmtree(local, ignore_errors=True)
-        uri = target if isinstance(self.run_fs, pafs.LocalFileSystem) else f"s3://{target}"
-        self.tracker.client.set_tag(self.tracker.run_id, "flava.exported_model", uri)
+        events.record(self.run_fs, self.run_dir, "export", uri=uri)
         self.log(f"[train] exported the model (transformers layout) to {uri}")
         return uri
 
@@ -364,8 +309,8 @@ class Trainer:
             if p.step == stop:
                 break
             report = self.validate() if train.val_every > 0 and p.step % train.val_every == 0 else {}
-            if p.step % train.checkpoint_every == 0:
-                self.checkpoint_and_report({**report, **self.summary()})
+            if self.checkpoints.should_save(p.step):
+                self.checkpoints.save(p.step, {**report, **self.summary()})
             elif report:
                 ray.train.report({**report, **self.summary()})
 
@@ -374,21 +319,28 @@ class Trainer:
         if p.step == train.steps and train.export_model:
             final["export_uri"] = self.export()
         final.update(self.summary())
-        if trained_now:
-            self.checkpoint_and_report(final)
+        if trained_now:  # the last step always gets a checkpoint: a rerun of the name finds it finished
+            self.checkpoints.save(p.step, final)
         else:  # a rerun of a finished run: its final checkpoint is already there
             ray.train.report(final)
         if self.tracker is not None:
             self.tracker.flush()
 
 
+def quiet_per_report_logs() -> None:
+    """Ray Train logs every ``report`` with all its metrics at INFO; the progress lines already say it,
+    once. No public setting turns that off, and its logger is named by its file path, not its module
+    name, so this is the one place that knows where that private module lives (without importing it)."""
+    spec = importlib.util.find_spec("ray.train.v2._internal.execution.context")
+    if spec is not None and spec.origin:
+        logging.getLogger(spec.origin).setLevel(logging.WARNING)
+
+
 def train_loop_per_worker(loop_config: dict) -> None:
     """Entry point of ``TorchTrainer``: ``loop_config`` = {"config": <config dict>, "stream_spec":
     pipeline.data StreamSpec, "mlflow_run_id": str}, all fixed by the driver (``launch.build_trainer``)."""
     config = from_dict(loop_config["config"])
-    # Ray logs every report with all its metrics at INFO: the progress lines already say it, once
-    # (that module names its logger by file path, not by module name)
-    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    quiet_per_report_logs()
     log.setLevel(logging.INFO)
     device = ray.train.torch.get_device()
     if device.type == "cpu":  # as many intra-op threads as CPUs reserved for the worker, no more

@@ -1,9 +1,10 @@
-"""MLflow bookkeeping: one run per training job, continued across restarts and reruns of the same name.
+"""Every MLflow write of the project: one run per training job, continued across restarts and reruns of
+the same name; a sweep's parent run and its trials' nested runs.
 
-The driver resolves the tracking URI (workers run in other directories), finds or creates the run and
-logs what it knows before any worker starts: parameters, versions, git commit, dataset identities and the
-redacted resolved config. Rank 0 then logs metrics in batches and the exported model; the driver closes
-the run with the job's final status.
+The driver (``start_run``) finds or creates the run and logs what it knows before any worker starts:
+parameters, versions, git commit, dataset identities and the redacted resolved config. Rank 0 then logs
+metrics in batches and the exported model (``Tracker``); the driver closes the run with the job's final
+status. A sweep opens its parent run, finds its trials' runs and closes each as Tune saw it end.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import Config, MLflowConfig, to_dict
+
+EXPORTED_MODEL_TAG = "flava.exported_model"
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +172,36 @@ class Tracker:
             self.client.log_batch(self.run_id, metrics=self._pending[i : i + _BATCH["metrics"]])
         self._pending = []
 
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+
+    def log_model(self, local_dir: str, uri: str) -> None:
+        """The exported model's files as artifact ``model``, and where the export lives as a tag."""
+        self.log_dir(local_dir, "model")
+        self.set_tags({EXPORTED_MODEL_TAG: uri})
+
+    def status(self) -> str:
+        return self.client.get_run(self.run_id).info.status
+
     def finish(self, status: str) -> None:
         self.flush()
         self.client.set_terminated(self.run_id, status=status)
+
+
+def start_run(config: Config, run_key: str, prior_run_id: str, params: dict[str, str]) -> str:
+    """The job's MLflow run (the checkpoint's, else the run key's, else new) with the driver's params and
+    the redacted resolved config logged. Returns its id."""
+    uri = config.mlflow.tracking_uri
+    run_id = find_or_create_run(uri, config.mlflow, run_key, config.train.run_name, prior_run_id)
+    tracker = Tracker(uri, run_id)
+    tracker.log_params({**flatten(redact(to_dict(config))), **params})
+    tracker.log_text(resolved_config_yaml(config), "config/resolved.yaml")
+    return run_id
+
+
+def child_runs(uri: str, experiment: str, parent_run_id: str, key_tag: str) -> dict[str, str]:
+    """``tags[key_tag]`` -> run id of the runs nested under ``parent_run_id`` that carry the tag."""
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
+    return {r.data.tags[key_tag]: r.info.run_id for r in runs if key_tag in r.data.tags}

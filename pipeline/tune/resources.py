@@ -41,10 +41,6 @@ def derive_resources(cluster: dict[str, float], config: Config, num_trials: int)
     cpus = float(cluster.get("CPU", 0))
     gpus = float(cluster.get("GPU", 0))
     gpus_per_worker = 1 if train.use_gpu else 0
-    if train.cpus_per_worker < 1:
-        raise ConfigError(f"train.cpus_per_worker must be >= 1, got {train.cpus_per_worker}")
-    if tc.data_cpus_per_trial < 0:
-        raise ConfigError(f"tune.data_cpus_per_trial must be >= 0, got {tc.data_cpus_per_trial}")
     if train.use_gpu and gpus < 1:
         raise ConfigError(f"train.use_gpu is set but the Ray cluster has no GPU ({cluster})")
 
@@ -57,8 +53,6 @@ def derive_resources(cluster: dict[str, float], config: Config, num_trials: int)
             f"{train.cpus_per_worker} CPU{' and 1 GPU' if train.use_gpu else ''} plus "
             f"tune.data_cpus_per_trial={tc.data_cpus_per_trial:g} CPU for its data"
         )
-    if tc.workers_per_trial < 0:
-        raise ConfigError(f"tune.workers_per_trial must be >= 0, got {tc.workers_per_trial}")
     if tc.workers_per_trial > fit:
         raise ConfigError(
             f"tune.workers_per_trial={tc.workers_per_trial} does not fit the Ray cluster "
@@ -69,8 +63,6 @@ def derive_resources(cluster: dict[str, float], config: Config, num_trials: int)
     per_trial = workers * train.cpus_per_worker + tc.data_cpus_per_trial
     by_cpu = math.floor(cpus / per_trial)
     fits_at_once = min(by_cpu, math.floor(gpus / workers)) if train.use_gpu else by_cpu
-    if tc.max_concurrent_trials < 0:
-        raise ConfigError(f"tune.max_concurrent_trials must be >= 0, got {tc.max_concurrent_trials}")
     concurrent = tc.max_concurrent_trials or fits_at_once
     return TrialResources(
         workers_per_trial=workers,

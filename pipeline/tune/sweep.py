@@ -22,7 +22,6 @@ from pathlib import Path
 import pandas as pd
 import pyarrow.fs as pafs
 import ray
-from mlflow.tracking import MlflowClient
 from ray import tune
 from ray.data import DataContext
 from ray.tune import ExperimentAnalysis
@@ -44,7 +43,7 @@ from pipeline.config import (
 )
 from pipeline.data.tokenizer import TOKENIZER_FILE, load_or_train_tokenizer
 from pipeline.train import launch
-from pipeline.train.tracking import Tracker, find_or_create_run, flatten
+from pipeline.train.tracking import Tracker, child_runs, find_or_create_run, flatten
 from pipeline.tune import report
 from pipeline.tune.orphans import ReleaseOrphanedWorkerGroups
 from pipeline.tune.resources import TrialResources, derive_resources
@@ -127,15 +126,8 @@ def _scheduler(config: Config):
     tc, train = config.tune, config.train
     if tc.scheduler == "none":
         return FIFOScheduler()
-    if tc.scheduler != "asha":
-        raise ConfigError(f"tune.scheduler must be 'asha' or 'none', got {tc.scheduler!r}")
     if train.val_every < 1:
         raise ConfigError("tune.scheduler=asha compares validation rounds: train.val_every must be >= 1")
-    if tc.grace_period < 1 or tc.reduction_factor < 2:
-        raise ConfigError(
-            f"tune.grace_period must be >= 1 and tune.reduction_factor >= 2, "
-            f"got {tc.grace_period} and {tc.reduction_factor}"
-        )
     grace_steps = tc.grace_period * train.val_every
     if grace_steps > train.steps:
         raise ConfigError(
@@ -254,14 +246,7 @@ def _trial_rows(results, train: TrainConfig, children: dict[str, str]) -> list[r
     return sorted(rows, key=lambda r: r.trial_id)
 
 
-def _children(client: MlflowClient, experiment: str, parent_run_id: str) -> dict[str, str]:
-    """trial id -> MLflow run id of the nested training runs under the sweep's run."""
-    exp = client.get_experiment_by_name(experiment)
-    runs = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent_run_id}'")
-    return {r.data.tags[TRIAL_ID_TAG]: r.info.run_id for r in runs if TRIAL_ID_TAG in r.data.tags}
-
-
-def _close_children(client: MlflowClient, rows: list[report.TrialRow]) -> None:
+def _close_children(uri: str, rows: list[report.TrialRow]) -> None:
     """A trial stopped by the scheduler is killed mid-run: its training run never closes itself, or closes as
     FAILED when the stop reaches it as an exception. So does a trial that had reported its last step when an
     interrupt of the sweep tore it down (the resumed sweep then finds it complete). Tune's outcome is the
@@ -269,16 +254,15 @@ def _close_children(client: MlflowClient, rows: list[report.TrialRow]) -> None:
     for row in rows:
         if not row.mlflow_run_id:
             continue
-        client.set_tag(row.mlflow_run_id, OUTCOME_TAG, row.status)
-        status = client.get_run(row.mlflow_run_id).info.status
+        child = Tracker(uri, row.mlflow_run_id)
+        child.set_tags({OUTCOME_TAG: row.status})
+        status = child.status()
         if row.status == report.STOPPED:
-            client.set_terminated(row.mlflow_run_id, status="KILLED")
+            child.finish("KILLED")
         elif row.status == report.COMPLETED and status != "FINISHED":
-            client.set_terminated(row.mlflow_run_id, status="FINISHED")
+            child.finish("FINISHED")
         elif status == "RUNNING":
-            client.set_terminated(
-                row.mlflow_run_id, status="FAILED" if row.status == report.ERROR else "KILLED"
-            )
+            child.finish("FAILED" if row.status == report.ERROR else "KILLED")
 
 
 def _write_artefacts(
@@ -354,7 +338,9 @@ def run_sweep(config: Config) -> SweepOutcome:
     try:
         results = tuner.fit()
         rows = _trial_rows(
-            results, config.train, _children(parent.client, config.mlflow.experiment, parent_run_id)
+            results,
+            config.train,
+            child_runs(config.mlflow.tracking_uri, config.mlflow.experiment, parent_run_id, TRIAL_ID_TAG),
         )
         unfinished = _unfinished_trials(config)
         # Tune saved its state on SIGINT/SIGUSR1 and the parent run stays open for the resume. An interrupt
@@ -368,12 +354,12 @@ def run_sweep(config: Config) -> SweepOutcome:
                 f"[tune] interrupted: run the same command again to resume the sweep at {exp_uri}", flush=True
             )
             return SweepOutcome(rows, None, "", exp_uri, parent_run_id, resumed, interrupted=True)
-        _close_children(parent.client, rows)
+        _close_children(config.mlflow.tracking_uri, rows)
         best = report.best_trial(rows, MODE)
         best_uri = _write_artefacts(config, exp_uri, rows, best, parent)
         if best is not None:
             parent.add(0, {f"best/{OBJECTIVE}": best.objective})
-            parent.client.set_tag(parent_run_id, "tune.best_trial_id", best.trial_id)
+            parent.set_tags({"tune.best_trial_id": best.trial_id})
     except BaseException:
         parent.finish("FAILED")
         raise

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from pipeline.config import ConfigError, load_config
 from pipeline.data.mixing import KindSampler, validate_ratios
 
 ALL = ("image_text", "image", "text")
@@ -19,17 +20,27 @@ def test_validate_ratios_normalises_in_fixed_order():
 
 
 @pytest.mark.parametrize(
+    "ratios,message",
+    [
+        ("{image_text: -1, text: 1}", "non-negative"),
+        ("{image_text: .nan, image: 1, text: 1}", "non-negative"),
+        ("{image_text: 0, image: 0, text: 0}", "all ratios are zero"),
+        ("{images: 1}", "unknown kind"),
+    ],
+)
+def test_ratios_wrong_on_their_own_fail_at_load(ratios, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [f"data.ratios={ratios}"])
+
+
+@pytest.mark.parametrize(
     "ratios,configured,message",
     [
-        ({"image_text": -1, "text": 1}, ALL, "non-negative"),
-        ({"image_text": float("nan"), "image": 1, "text": 1}, ALL, "non-negative"),
-        ({"image_text": 0, "image": 0, "text": 0}, ALL, "all ratios are zero"),
-        ({"images": 1}, ALL, "unknown kind"),
         ({"image_text": 1}, ["image_text", "text"], r"no ratio for configured train dataset\(s\) \['text'\]"),
         ({"image_text": 1, "text": 1}, ["text"], r"\['image_text'\] have ratio > 0 but no dataset"),
     ],
 )
-def test_validate_ratios_errors(ratios, configured, message):
+def test_ratios_that_do_not_fit_the_datasets_fail_pre_flight(ratios, configured, message):
     with pytest.raises(ValueError, match=message):
         validate_ratios(ratios, configured)
 

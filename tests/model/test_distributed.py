@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 from flava_batches import make_batch, slice_batch
 
 from model import build_flava
-from model.sharding import shard_model
+from model.sharding import parallelize
 
 WORLD = 2
 CONTRASTIVE_ONLY = {"mim": 0, "mlm": 0, "itm": 0, "mmm_image": 0, "mmm_text": 0}
@@ -101,7 +101,7 @@ def train_steps(model, rank: int | None) -> None:
 
 
 def fsdp_on_rank(rank: int, out: str) -> None:
-    model = shard_model(tiny(), activation_checkpointing=True)
+    model = parallelize(tiny(), activation_checkpointing=True)
     train_steps(model, rank)
     state = {name: p.full_tensor() for name, p in model.named_parameters()}
     if rank == 0:
@@ -109,10 +109,10 @@ def fsdp_on_rank(rank: int, out: str) -> None:
 
 
 def bf16_on_rank(rank: int, out: str) -> None:
-    """The GPU default policy (bf16 compute, fp32 reduction), exercised on CPU: finite and near fp64."""
+    """``precision=bf16`` (bf16 compute, fp32 reduction), exercised on CPU: finite and near fp64."""
     batch = local_rows(pair_batch(tiny().spec), rank)
     reference = tiny()(batch).loss.detach()  # fp64, unsharded, same all-gathered contrastive columns
-    model = shard_model(tiny(), mixed_precision=True, reshard_after_forward=False)
+    model = parallelize(tiny(), precision="bf16", reshard_after_forward=False)
     loss = model(batch).loss
     loss.backward()
     grads_finite = all(

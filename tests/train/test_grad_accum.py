@@ -31,7 +31,6 @@ before ``optimizer_step`` zeroes them.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 
 import pytest
@@ -39,7 +38,7 @@ import torch
 
 from model import build_flava
 from pipeline.config import TrainConfig
-from pipeline.train.loop import expected_losses, optimizer_step
+from pipeline.train.loop import optimizer_step
 from pipeline.train.optim import build_optimizer, build_scheduler
 from tests.model.flava_batches import make_batch, slice_batch
 
@@ -70,9 +69,9 @@ def run_step(initial_model, micro_batches: list[dict], accum: int):
 
     optimizer.register_step_pre_hook(capture)
     kind = micro_batches[0]["kind"]
-    expected = expected_losses(kind, model.spec.loss_weights)
+    expected = model.spec.losses_for(kind)
     losses, grad_norm, lr, _ = optimizer_step(
-        model, optimizer, scheduler, iter(micro_batches), accum, NO_CLIP, contextlib.nullcontext, expected
+        model, optimizer, scheduler, iter(micro_batches), accum, NO_CLIP, expected
     )
     params = {n: p.detach().clone() for n, p in model.named_parameters()}
     return grads, losses, grad_norm, lr, params

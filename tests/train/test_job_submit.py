@@ -97,9 +97,10 @@ def test_relative_run_storage_and_sqlite_uri_under_ray_job_submit_fail_before_tr
     ray_head, checkout, demo_root
 ):
     splits = {s: {k: str(demo_root / k / s) for k in KINDS} for s in ("train", "val")}
+    job_id = f"relative-{uuid.uuid4().hex[:6]}"
     command = " ".join(
         [
-            README_COMMAND,
+            README_COMMAND.replace("--working-dir .", f"--working-dir . --submission-id {job_id}"),
             "--config jobs/configs/demo.yaml",
             f"'data.train={json.dumps(splits['train'])}'",
             f"'data.val={json.dumps(splits['val'])}'",
@@ -119,5 +120,6 @@ def test_relative_run_storage_and_sqlite_uri_under_ray_job_submit_fail_before_tr
         assert key in error, error
     assert "/_ray_pkg_" in error and "storage.base_dir=$PWD" in error  # where it would go, and the fix
     assert "data.train" not in error  # absolute paths are fine
-    assert "[train]" not in output and "exit code 2" in output  # before any worker, as a config error
+    info = ray_head.job_info(job_id)
+    assert (info["status"], info["driver_exit_code"]) == ("FAILED", 2)  # a config error, before training
     assert not (checkout / "runs" / "relative-paths").exists()

@@ -38,16 +38,15 @@ def test_valid_inputs_pass(demo_root):
 
 
 @pytest.mark.parametrize(
-    ("ratios", "message"),
-    [
-        ("{image_text: -1, image: 1, text: 1}", "non-negative"),
-        ("{image_text: 0, image: 0, text: 0}", "all ratios are zero"),
-        ("{image_text: 1, image: 1, text: 1, video: 1}", "unknown kind"),
+    ("extra", "message"),
+    [  # ratios wrong on their own (negative, all zero, unknown kind) fail at load: tests/test_config.py
+        (["data.ratios={image_text: 1, image: 1}"], r"no ratio for configured train dataset\(s\) \['text'\]"),
+        (["data.train={text: /x}", "data.ratios={image: 1, text: 1}"], r"\['image'\] have ratio > 0 but no"),
     ],
 )
-def test_bad_ratios(demo_root, ratios, message):
+def test_ratios_that_do_not_fit_the_datasets(demo_root, extra, message):
     with pytest.raises(InputError, match=message):
-        validate_inputs(config(demo_root, f"data.ratios={ratios}"))
+        validate_inputs(config(demo_root, *extra))
 
 
 def test_missing_empty_corrupt_and_mismatched_datasets(demo_root, tmp_path):
@@ -109,7 +108,7 @@ def test_dry_run_and_parse(demo_root, capsys):
         == 0
     )
     assert "inputs valid" in capsys.readouterr().out
-    assert (
+    with pytest.raises(SystemExit) as exit_info:  # wrong on its own: the parser stops it
         pretrain.main(
             [
                 "--config",
@@ -118,8 +117,8 @@ def test_dry_run_and_parse(demo_root, capsys):
                 "data.ratios={text: 0, image: 0, image_text: 0}",
             ]
         )
-        == 2
-    )
-    assert "all ratios are zero" in capsys.readouterr().err
+    assert exit_info.value.code == 2
+    error = capsys.readouterr().err
+    assert "config error: data.ratios" in error and "all ratios are zero" in error
     config, args = pretrain.parse(["train.steps=3", "--dry-run"])
     assert config.train.steps == 3 and args.dry_run

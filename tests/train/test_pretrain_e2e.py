@@ -19,9 +19,9 @@ import torch
 from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
+from model.config import LOSSES_BY_KIND
 from pipeline.config import KINDS, load_config
 from pipeline.train.launch import run_pretraining
-from pipeline.train.loop import LOSSES_BY_KIND
 from pipeline.train.tracking import RUN_KEY_TAG
 
 pytestmark = pytest.mark.slow

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 
 from model import build_flava
-from model.sharding import shard_model
+from model.sharding import parallelize
 from pipeline.config import TrainConfig
 from pipeline.train import checkpoint as ckpt
 from pipeline.train.optim import build_optimizer, build_scheduler
@@ -36,7 +36,7 @@ def process_group():
 
 def make_trainer():
     torch.manual_seed(0)
-    model = shard_model(build_flava("tiny", text_vocab_size=64, dropout=0.1))
+    model = parallelize(build_flava("tiny", text_vocab_size=64, dropout=0.1))
     optimizer = build_optimizer(model, TRAIN)
     return model, optimizer, build_scheduler(optimizer, TRAIN)
 

@@ -106,7 +106,7 @@ def test_child_runs_are_closed_as_tune_saw_the_trial_end(mlflow_store, outcome, 
     if run_status != "RUNNING":
         client.set_terminated(run.info.run_id, status=run_status)
     row = TrialRow("t1", outcome, {"image": 1.0}, 1e-3, 0.5, 4, mlflow_run_id=run.info.run_id)
-    _close_children(client, [row])
+    _close_children(client.tracking_uri, [row])
     closed = client.get_run(run.info.run_id)
     assert closed.info.status == closed_as
     assert closed.data.tags[OUTCOME_TAG] == outcome

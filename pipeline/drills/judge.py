@@ -1,0 +1,128 @@
+"""Judging a drill: pure functions of what was observed (``RunRecord``) and the config, so that each can be
+checked with hand-made inputs (tests/faults/test_judge.py)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from pipeline.config import KINDS, Config
+from pipeline.data.mixing import KindSampler, validate_ratios
+
+
+@dataclass
+class DrillResult:
+    scenario: str
+    expected: str
+    observed: str
+    passed: bool
+    steps_redone: int | None = None
+    samples_lost: int | None = None  # consumed by an unfaulted run but not by this one (must be 0)
+    recover_s: float | None = None
+    details: dict = field(default_factory=dict)
+
+
+@dataclass
+class RunRecord:
+    """A finished run as a drill observed it."""
+
+    final: dict  # ``step`` and ``samples/<kind>``
+    step_log: list[tuple[int, float]]  # (step, wall time) of every logged step, redone steps again
+    mlflow_runs: int
+    events: list[dict]  # pipeline.train.events, oldest first
+
+    def of(self, name: str) -> list[dict]:
+        return [e for e in self.events if e["event"] == name]
+
+    @property
+    def resumed_at(self) -> list[int]:
+        """Steps that (re)started worker groups resumed from a checkpoint at."""
+        return [e["step"] for e in self.of("train_start") if e["resumed_from"]]
+
+
+def expected_samples(config: Config, steps: int) -> dict[str, int]:
+    """Samples per kind that ``steps`` unfaulted steps consume: the kind sequence is a pure function of
+    the ratios and ``data.seed`` (``KindSampler``, identical on every rank and across restarts)."""
+    ratios = validate_ratios(config.data.ratios, [k for k, v in config.data.train.items() if v])
+    sampler = KindSampler(ratios, config.data.seed)
+    counts = Counter(next(sampler) for _ in range(steps))
+    per_step = config.data.batch_size * config.train.grad_accum * config.train.num_workers
+    return {kind: counts[kind] * per_step for kind in KINDS}
+
+
+def sample_accounting(config: Config, metrics: dict, steps: int) -> tuple[int, int]:
+    """(samples lost, samples counted twice) of a finished run against the unfaulted sequence."""
+    expected = expected_samples(config, steps)
+    observed = {kind: int(metrics.get(f"samples/{kind}", 0)) for kind in KINDS}
+    lost = sum(max(0, expected[k] - observed[k]) for k in KINDS)
+    doubled = sum(max(0, observed[k] - expected[k]) for k in KINDS)
+    return lost, doubled
+
+
+def redone_steps(log: list[tuple[int, float]]) -> int:
+    return sum(n - 1 for n in Counter(s for s, _ in log).values())
+
+
+def recovery_time(log: list[tuple[int, float]], fault_at: float) -> float | None:
+    """Seconds from the fault to the first step logged after it (training going again)."""
+    after = [t for _, t in log if t > fault_at]
+    return round(min(after) - fault_at, 1) if after else None
+
+
+def judge_recovery(
+    scenario: str, expected: str, config: Config, run: RunRecord, fault_at: float, steps: int
+) -> DrillResult:
+    """A run that must have reached ``steps`` in one MLflow run, every step logged, no sample lost or
+    counted twice."""
+    logged = sorted({s for s, _ in run.step_log})
+    continuous = logged == list(range(1, steps + 1))
+    lost, doubled = sample_accounting(config, run.final, steps)
+    passed = run.final.get("step") == steps and continuous and run.mlflow_runs == 1 and lost == doubled == 0
+    observed = (
+        f"reached step {run.final.get('step')}/{steps}; {run.mlflow_runs} MLflow run, steps "
+        f"{logged[0] if logged else '-'}..{logged[-1] if logged else '-'} continuous: {continuous}; "
+        f"samples double-counted {doubled}; worker groups started {len(run.of('train_start'))}, "
+        f"resumed at steps {run.resumed_at}"
+    )
+    return DrillResult(
+        scenario,
+        expected,
+        observed,
+        passed,
+        steps_redone=redone_steps(run.step_log),
+        samples_lost=lost,
+        recover_s=recovery_time(run.step_log, fault_at),
+        details={
+            "mlflow_runs": run.mlflow_runs,
+            "doubled": doubled,
+            "worker_groups": len(run.of("train_start")),
+            "resumed_at": run.resumed_at,
+        },
+    )
+
+
+def judge_restart(result: DrillResult, after_step: int) -> DrillResult:
+    """A recovery that must have gone through a restart: a second worker group that resumed from a
+    checkpoint at or after ``after_step``, and at least one step trained twice."""
+    resumed = result.details["resumed_at"]
+    restarted = result.details["worker_groups"] >= 2 and any(s >= after_step for s in resumed)
+    result.passed = result.passed and restarted and (result.steps_redone or 0) >= 1
+    return result
+
+
+def format_table(results: list[DrillResult]) -> str:
+    """The drill table (Markdown, so that it pastes into a note as is)."""
+
+    def cell(value) -> str:
+        return "-" if value is None else str(value).replace("|", "/")
+
+    lines = [
+        "| scenario | expected | observed | steps redone | samples lost | recover s | ok |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        row = [r.scenario, r.expected, r.observed, r.steps_redone, r.samples_lost, r.recover_s]
+        lines.append("| " + " | ".join(cell(v) for v in row) + f" | {'yes' if r.passed else 'NO'} |")
+    passed = sum(r.passed for r in results)
+    lines.append(f"\n{passed} passed, {len(results) - passed} failed")
+    return "\n".join(lines)

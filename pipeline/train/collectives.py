@@ -1,0 +1,37 @@
+"""The few collectives the training code needs besides FSDP's own, as no-ops without a process group
+(one process, a unit test)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+
+def rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def broadcast_from_rank0(obj):
+    """Rank 0's value on every rank (any picklable object)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def mean_across_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
+    """One all-reduce for a dict of scalars (every rank has the same keys: same kind, same losses)."""
+    names = sorted(values)
+    packed = torch.tensor([values[n] for n in names], dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(packed)
+        packed /= dist.get_world_size()
+    return dict(zip(names, packed.tolist(), strict=True))
