@@ -1,8 +1,9 @@
 """Fault drills: ``python jobs/fault_drill.py [--only NAME,NAME] [--work DIR]``.
 
-Each scenario injects one real fault into a real pretraining run on a local Ray cluster (a Train worker
-killed or stopped, a checkpoint cut off, a shard damaged, S3 going away, ``ray job stop``) and the table
-says what had to happen, what did, the steps redone, the samples lost and the time to recover.
+Each scenario injects one real fault into a real pretraining run on a local Ray cluster of several nodes
+(a Train worker killed or stopped, a node preempted or joining, a checkpoint cut off, a shard damaged, S3
+going away, ``ray job stop``) and the table says what had to happen, what did, the steps redone, the
+samples lost and the time to recover.
 Exits 1 if any scenario did not end as it must.
 """
 
@@ -17,9 +18,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.cluster import init_ray  # noqa: E402
 from pipeline.drills.harness import FAST_RESTART_ENV, prepare_workspace  # noqa: E402
 from pipeline.drills.judge import format_table  # noqa: E402
+from pipeline.drills.nodes import LocalCluster  # noqa: E402
 from pipeline.drills.runner import SCENARIOS, run_drills  # noqa: E402
 
 
@@ -41,8 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.update(
         AWS_ACCESS_KEY_ID="drill", AWS_SECRET_ACCESS_KEY="drill", AWS_DEFAULT_REGION="us-east-1"
     )
-    init_ray(min_cpus=4, env_vars=FAST_RESTART_ENV)
-    results = run_drills(prepare_workspace(work), names)
+    with LocalCluster(env_vars=FAST_RESTART_ENV, log_dir=work) as cluster:
+        results = run_drills(prepare_workspace(work), cluster, names)
     print(format_table(results))
     print(f"fault_drill: scratch (runs, MLflow store, logs) in {work}")
     return 0 if all(r.passed for r in results) else 1

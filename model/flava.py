@@ -14,7 +14,9 @@ forward (transformers clamps the parameter in place, which would not reach an FS
 is decided by ``batch["kind"]``, and unimodal batches run only the masked pass (transformers also runs an
 unused unmasked image pass); a loss with weight 0 is not computed, but ITM negatives stay excluded from
 contrastive and MMM even when the ITM weight is 0 (transformers then forgets them); ``losses`` holds
-unweighted values and ``loss`` their weighted sum; a masked loss with no target on this rank is 0, not NaN.
+unweighted values and ``loss`` their weighted sum; under data parallelism every loss is normalised by the
+count of its items over all ranks (``heads.data_parallel_mean``), so the rank-averaged loss and gradient
+are those of the global batch whatever the world size, and a rank with no target contributes 0, not NaN.
 """
 
 from __future__ import annotations
@@ -27,7 +29,13 @@ from torch import nn
 
 from model.config import LOGIT_SCALE_INIT, LOGIT_SCALE_MAX, FlavaSpec
 from model.encoders import ImageEncoder, MultimodalEncoder, TextEncoder
-from model.heads import ITMHead, MaskedPredictionHead, global_contrastive, masked_prediction
+from model.heads import (
+    ITMHead,
+    MaskedPredictionHead,
+    data_parallel_mean,
+    global_contrastive,
+    masked_prediction,
+)
 from model.layers import CarriedPooler, TransformerLayer, upcast
 
 KIND_KEYS = {
@@ -189,7 +197,10 @@ class FlavaForPretraining(nn.Module):
 
         if "itm" in run:
             out.logits["itm"] = self.itm_head(mm)
-            out.losses["itm"] = F.cross_entropy(upcast(out.logits["itm"]), batch["itm_labels"].reshape(-1))
+            itm_labels = batch["itm_labels"].reshape(-1)
+            out.losses["itm"] = data_parallel_mean(
+                F.cross_entropy(upcast(out.logits["itm"]), itm_labels, reduction="sum"), itm_labels.numel()
+            )
         num_patches = image_pre.shape[1] - 1
         if "mmm_image" in run:
             out.losses["mmm_image"], out.logits["mmm_image"] = masked_prediction(

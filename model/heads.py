@@ -39,17 +39,35 @@ class ITMHead(nn.Module):
         return self.classifier(torch.tanh(self.pooler(mm_states[:, 0])))
 
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def data_parallel_mean(total: torch.Tensor, count: int) -> torch.Tensor:
+    """``total`` (a sum over this rank's ``count`` items) scaled so that the average over ranks, which is
+    what data parallelism does to gradients and what the loop logs, is the mean over every rank's items.
+
+    So a loss is the loss of the global batch whatever the number of ranks and however the items (masked
+    tokens, contrastive queries) fall between them: a run resized to fewer, larger per-rank batches takes
+    the same step. Without a process group (or with one rank) it is the plain mean. With no item anywhere
+    the loss is an exact zero that keeps the graph, so nothing is poisoned with NaN.
+    """
+    counts = torch.tensor(float(count), dtype=torch.float64, device=total.device)
+    scale = 1.0
+    if _distributed():
+        dist.all_reduce(counts)
+        scale = dist.get_world_size()
+    return total * scale / counts.clamp(min=1).to(total.dtype)
+
+
 def masked_prediction(
     head: MaskedPredictionHead, states: torch.Tensor, labels: torch.Tensor, selected: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cross-entropy of the head on the `selected` positions only (the head never sees the others).
-
-    Returns (loss, logits). With no selected position the loss is an exact zero that keeps the graph, so
-    one rank with nothing masked does not poison the global step with NaN.
-    """
+    """Cross-entropy of the head on the `selected` positions only (the head never sees the others), the
+    mean over every rank's selected positions (``data_parallel_mean``). Returns (loss, logits)."""
     logits = head(states[selected])
     targets = labels[selected]
-    loss = F.cross_entropy(upcast(logits), targets, reduction="sum") / max(targets.numel(), 1)
+    loss = data_parallel_mean(F.cross_entropy(upcast(logits), targets, reduction="sum"), targets.numel())
     return loss, logits
 
 
@@ -77,7 +95,7 @@ class _AllGatherWithGrad(torch.autograd.Function):
 
 def gather_with_grad(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     """(all ranks' rows concatenated in rank order, offset of this rank's rows); identity off-distributed."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not _distributed():
         return x, 0
     return _AllGatherWithGrad.apply(x), dist.get_rank() * x.shape[0]
 
@@ -88,7 +106,8 @@ def global_contrastive(
     """Symmetric InfoNCE of the local `rows` against the embeddings of every rank (CLIP/FLAVA global).
 
     As the reference, rows that are ITM negatives are dropped as queries but their embeddings stay in the
-    gathered columns as extra distractors. Per-rank batches must be equally sized (all_gather).
+    gathered columns as extra distractors. Per-rank batches must be equally sized (all_gather). The loss
+    is the mean over every rank's queries (``data_parallel_mean``): the global batch's InfoNCE.
     Returns (loss, logits_per_image, logits_per_text) with the logits restricted to `rows`.
     """
     all_images, offset = gather_with_grad(image_emb)
@@ -97,5 +116,7 @@ def global_contrastive(
     logits_per_image = (upcast(image_emb) @ upcast(all_texts).T * scale)[rows]
     logits_per_text = (upcast(text_emb) @ upcast(all_images).T * scale)[rows]
     labels = (offset + torch.arange(image_emb.shape[0], device=image_emb.device))[rows]
-    loss = (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
-    return loss, logits_per_image, logits_per_text
+    total = F.cross_entropy(logits_per_image, labels, reduction="sum") + F.cross_entropy(
+        logits_per_text, labels, reduction="sum"
+    )
+    return data_parallel_mean(total / 2, labels.numel()), logits_per_image, logits_per_text

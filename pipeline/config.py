@@ -71,6 +71,9 @@ class StorageConfig:
     # (measured: 3 -> 2.4 s, 8 -> 40 s, 12 -> 2 min), after which the call fails and the run with it
     s3_max_attempts: int = 8
     s3_request_timeout_s: float = 30.0
+    # local paths are on a filesystem every node mounts at the same place (NFS, a shared PVC): without it,
+    # a cluster whose nodes are on several hosts refuses local storage and data paths (pipeline/paths.py)
+    shared_filesystem: bool = False
 
     def check(self, c: _Checks) -> None:
         c.at_least(1, "s3_max_attempts")
@@ -192,7 +195,15 @@ class ModelConfig:
 class TrainConfig:
     run_name: str = "flava-demo"
     storage_path: str = "runs"  # local dir or s3:// URI; checkpoints live under <storage>/<run_name>
-    num_workers: int = 2
+    num_workers: int = 2  # the full size; the global batch is data.batch_size x num_workers x grad_accum
+    # elastic when below num_workers (0: = num_workers, not elastic): the run goes on with as few as this
+    # many workers while nodes are lost and grows back when they return (Ray Train V2 elastic training)
+    min_workers: int = 0
+    elastic_resize_monitor_interval_s: float = 60.0  # how often a running group checks for room to grow
+    # custom Ray resources each Train worker reserves besides its CPUs/GPU (e.g. {train_slot: 1}, which only
+    # the nodes meant for training offer: ``ray start --resources``, KubeRay rayStartParams.resources).
+    # Not node labels: Ray Train 2.60's elastic sizing counts resources and ignores label selectors
+    worker_resources: dict[str, float] = field(default_factory=dict)
     use_gpu: bool = False
     cpus_per_worker: int = 1
     steps: int = 200
@@ -218,11 +229,19 @@ class TrainConfig:
     export_model: bool = True  # transformers-layout export to <storage>/<run_name>/hf_model + MLflow
     seed: int = 0
 
+    @property
+    def worker_range(self) -> tuple[int, int]:
+        """(fewest, most) workers the run trains with."""
+        return (self.min_workers or self.num_workers, self.num_workers)
+
     def check(self, c: _Checks) -> None:
         c.at_least(1, "steps", "num_workers", "cpus_per_worker", "grad_accum", "log_every")
         c.at_least(1, "checkpoint_every", "keep_checkpoints", "val_batches", "collective_timeout_s")
         c.at_least(0, "stop_at_step", "warmup_steps", "val_every", "weight_decay", "adam_eps")
         c.at_least(-1, "max_failures")  # -1: retry forever (Ray Train's convention)
+        c.at_least(0, "min_workers", "elastic_resize_monitor_interval_s")
+        if self.min_workers > self.num_workers:
+            c.fail("min_workers", f"must be <= train.num_workers={self.num_workers}")
         c.positive("lr", "grad_clip")
         c.fraction("min_lr_ratio", closed=True)
         if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):

@@ -62,6 +62,25 @@ def _set(config: Config, dotted: str, value) -> Config:
     )
 
 
+def local_paths(config: Config, keys: tuple[str, ...] = TRAINING) -> dict[str, str]:
+    """Dotted key (``[i]`` / ``.name`` for items) -> value of every local path under ``keys``, the MLflow
+    store included when it is a local file (sqlite) or directory."""
+    found = {}
+    for key in keys:
+        value = _get(config, key)
+        if key == "mlflow.tracking_uri":
+            value = value.removeprefix(_SQLITE)
+        items = (
+            value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+        )
+        for name, item in items:
+            if is_local(item):
+                found[f"{key}.{name}" if isinstance(value, dict) else f"{key}[{name}]"] = item
+        if isinstance(value, str) and is_local(value):
+            found[key] = value
+    return found
+
+
 def absolute_paths(config: Config, keys: tuple[str, ...] = TRAINING) -> Config:
     """The config with every local path under ``keys`` absolute (and the MLflow tracking URI resolved:
     config, else ``MLFLOW_TRACKING_URI``, else ``<base>/mlflow.db``). Paths already absolute, ``s3://``

@@ -22,23 +22,16 @@ os.environ.update(
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
-    """A real local Ray cluster (4 logical CPUs on a 2-core machine so that 2 Train workers fit)."""
-    import ray
+def ray_cluster(tmp_path_factory):
+    """A real Ray cluster of two nodes on this machine (``pipeline.drills.nodes.LocalCluster``: a head and
+    a node of 2 logical CPUs each, 4 in all so that 2 Train workers and Ray Data fit on 2 cores); the node
+    drills add and kill nodes of it. Yields the ``LocalCluster``."""
+    from pipeline.drills.harness import FAST_RESTART_ENV  # a hung rank is killed 5 s after its peers failed
+    from pipeline.drills.nodes import LocalCluster
 
     os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-    if not ray.is_initialized():
-        ray.init(
-            num_cpus=4,
-            include_dashboard=False,
-            log_to_driver=True,
-            # a hung rank is killed 5 s after its peers failed, not 30 (the stuck-worker drill)
-            runtime_env={
-                "env_vars": {"PYTHONPATH": str(ROOT), "TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S": "5"}
-            },
-        )
-    yield ray
-    ray.shutdown()
+    with LocalCluster(env_vars=FAST_RESTART_ENV, log_dir=tmp_path_factory.mktemp("ray-nodes")) as cluster:
+        yield cluster
 
 
 @pytest.fixture(scope="session")

@@ -20,6 +20,7 @@ import pyarrow as pa
 import ray
 import ray.train
 from ray.data import FileShuffleConfig
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pipeline import storage
 from pipeline.config import Config, StorageConfig
@@ -52,7 +53,7 @@ class StreamSpec:
 
     ratios: dict[str, float]  # normalised, kinds with ratio > 0 in KINDS order = the fetch order
     dataset_names: dict[str, str]  # kind -> name in TorchTrainer(datasets=...)
-    batch_size: int
+    batch_size: int  # rows per rank at the full world size (data.batch_size)
     shuffle_buffer: int
     seed: int
     params: TransformParams
@@ -63,10 +64,21 @@ class StreamSpec:
     read_ahead: int = 4  # batches per kind queued by the worker's reader thread (data.read_ahead)
     stall_timeout_s: float = 600  # data.stall_timeout_s
     sources: dict[str, str] = field(default_factory=dict)  # kind -> dataset URI, for error messages
+    full_world: int = 1  # train.num_workers: the global batch is batch_size x full_world rows
 
     @property
     def kinds(self) -> tuple[str, ...]:
         return tuple(self.ratios)
+
+    def rows_per_rank(self, world_size: int) -> int:
+        """A rank's share of the global batch when ``world_size`` ranks train (an elastic run's world size
+        divides it: ``pipeline.train.launch.check_world_sizes``)."""
+        rows, rest = divmod(self.batch_size * self.full_world, world_size)
+        if rest:
+            raise ValueError(
+                f"{world_size} ranks cannot split a global batch of {self.batch_size * self.full_world}"
+            )
+        return rows
 
 
 @dataclass
@@ -227,7 +239,11 @@ def build_train_data(
         if uri and kind != "text"
     }
     params = transform_params(config, tokenizer, image_size_of({**manifests, **held_out}))
-    counter = SkipCounter.remote()
+    # on the driver's node: a counter on a worker node would take the counts with it when that node goes
+    here = ray.get_runtime_context().get_node_id()
+    counter = SkipCounter.options(
+        scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)
+    ).remote()
     datasets, names = {}, {}
     for i, kind in enumerate(ratios):
         names[kind] = f"train_{kind}"
@@ -242,6 +258,7 @@ def build_train_data(
         ratios=ratios,
         dataset_names=names,
         batch_size=data.batch_size,
+        full_world=config.train.num_workers,
         shuffle_buffer=data.shuffle_buffer,
         seed=data.seed,
         params=params,

@@ -99,20 +99,26 @@ class MixedStream:
     """Iterator of model batches (numpy dicts with ``kind``), mixed by the spec's ratios.
 
     ``shards`` defaults to ``ray.train.get_dataset_shard`` of every kind; pass ``DataIterator``s (e.g.
-    ``dataset.iterator()``) to run the same stream outside Train (preview, tests).
+    ``dataset.iterator()``) to run the same stream outside Train (preview, tests). A rank's batches hold
+    ``spec.rows_per_rank(world_size)`` rows: the global batch split over the ranks there are.
     """
 
-    def __init__(self, spec: StreamSpec, shards: dict | None = None, rank: int | None = None):
+    def __init__(
+        self, spec: StreamSpec, shards: dict | None = None, rank: int | None = None, world_size: int = 0
+    ):
         self.spec = spec
         if shards is None:
             import ray.train
 
             shards = {kind: ray.train.get_dataset_shard(spec.dataset_names[kind]) for kind in spec.kinds}
-            rank = ray.train.get_context().get_world_rank() if rank is None else rank
+            context = ray.train.get_context()
+            rank = context.get_world_rank() if rank is None else rank
+            world_size = world_size or context.get_world_size()
         missing = [k for k in spec.kinds if k not in shards]
         if missing:
             raise ValueError(f"no dataset shard for kind(s) {missing}")
         self.rank = rank or 0
+        self.batch_rows = spec.rows_per_rank(world_size or spec.full_world)
         self._shards = shards
         self._sampler = KindSampler(spec.ratios, spec.seed)
         self._readers: dict[str, ReadAhead | None] = dict.fromkeys(spec.kinds)
@@ -159,7 +165,7 @@ class MixedStream:
             )
         )
         return self._shards[kind].iter_batches(
-            batch_size=self.spec.batch_size,
+            batch_size=self.batch_rows,
             batch_format="numpy",
             drop_last=True,
             local_shuffle_buffer_size=self.spec.shuffle_buffer or None,
@@ -195,7 +201,7 @@ class MixedStream:
             log.info("kind %s: starting epoch %d", kind, epoch)
         if rows is None:
             raise RuntimeError(
-                f"the {kind} train dataset yields no full batch of {self.spec.batch_size} per rank in an "
+                f"the {kind} train dataset yields no full batch of {self.batch_rows} per rank in an "
                 "epoch (too few rows for batch_size x workers, or every row was skipped: see counters())"
             )
         return rows

@@ -23,9 +23,16 @@ from pipeline.train.launch import run_pretraining
 ROOT = Path(__file__).resolve().parents[2]
 TINY_CONFIG = ROOT / "jobs/configs/tiny-test.yaml"
 EXPERIMENT = "fault-drills"
-# Ray Train waits this long for a hung rank's process group to shut down before it kills the rank (30 s by
-# default); the drills, and a cluster that would rather restart sooner, set it lower in the job's env
-FAST_RESTART_ENV = {"TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S": "5"}
+# Restart timeouts of Ray Train that the drills, and a cluster that would rather restart sooner, set lower
+# in the job's env: how long it waits for a hung rank's process group to shut down before it kills the rank
+# (30 s by default), and how long a new worker group may take to start (60 s by default). The second is
+# what an elastic run pays after a node is lost: Ray Train sees the dead worker at once but counts the
+# node's resources for up to 20 s more (its resource view is refreshed every 20 s), so it first tries the
+# old size and waits this long before starting with what is left.
+FAST_RESTART_ENV = {
+    "TORCH_PROCESS_GROUP_SHUTDOWN_TIMEOUT_S": "5",
+    "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "20",
+}
 
 
 @dataclass
@@ -128,17 +135,14 @@ class Background:
 
 
 def kill_train_controllers() -> None:
-    """SIGKILL of every live Ray Train controller of the connected cluster; their workers die with them."""
-    from ray.util.state import list_actors
-
-    alive = list_actors(filters=[("class_name", "=", "TrainController"), ("state", "=", "ALIVE")])
-    for actor in alive:
+    """SIGKILL of every live Ray Train controller on this machine; their workers die with them."""
+    for pid in ray_process_pids("TrainController"):
         with contextlib.suppress(ProcessLookupError):
-            os.kill(actor.pid, signal.SIGKILL)
+            os.kill(pid, signal.SIGKILL)
 
 
-def train_worker_pids() -> list[int]:
-    """PIDs of the live Ray Train workers on this machine (Ray titles their processes ray::RayTrainWorker)."""
+def ray_process_pids(name: str) -> list[int]:
+    """PIDs of the live Ray actor processes of class ``name`` on this machine (titled ``ray::<name>``)."""
     pids = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -148,9 +152,14 @@ def train_worker_pids() -> list[int]:
             state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
         except OSError:
             continue
-        if cmdline.startswith(b"ray::RayTrainWorker") and state not in ("Z", "X"):
+        if cmdline.startswith(f"ray::{name}".encode()) and state not in ("Z", "X"):
             pids.append(int(entry.name))
     return sorted(pids)
+
+
+def train_worker_pids() -> list[int]:
+    """PIDs of the live Ray Train workers on this machine."""
+    return ray_process_pids("RayTrainWorker")
 
 
 def release(pid: int) -> None:

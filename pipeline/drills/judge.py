@@ -30,6 +30,7 @@ class RunRecord:
     step_log: list[tuple[int, float]]  # (step, wall time) of every logged step, redone steps again
     mlflow_runs: int
     events: list[dict]  # pipeline.train.events, oldest first
+    kinds: dict[int, set[str]] = field(default_factory=dict)  # kinds logged at each step (redone: again)
 
     def of(self, name: str) -> list[dict]:
         return [e for e in self.events if e["event"] == name]
@@ -40,14 +41,26 @@ class RunRecord:
         return [e["step"] for e in self.of("train_start") if e["resumed_from"]]
 
 
-def expected_samples(config: Config, steps: int) -> dict[str, int]:
-    """Samples per kind that ``steps`` unfaulted steps consume: the kind sequence is a pure function of
-    the ratios and ``data.seed`` (``KindSampler``, identical on every rank and across restarts)."""
+def kind_sequence(config: Config, steps: int) -> list[str]:
+    """The kind of steps 1..``steps`` of an unfaulted run: a pure function of the ratios and ``data.seed``
+    (``KindSampler``, identical on every rank, across restarts and at every world size)."""
     ratios = validate_ratios(config.data.ratios, [k for k, v in config.data.train.items() if v])
     sampler = KindSampler(ratios, config.data.seed)
-    counts = Counter(next(sampler) for _ in range(steps))
+    return [next(sampler) for _ in range(steps)]
+
+
+def expected_samples(config: Config, steps: int) -> dict[str, int]:
+    """Samples per kind that ``steps`` unfaulted steps consume (the global batch does not depend on the
+    world size: ``data.batch_size`` x ``train.num_workers`` x ``train.grad_accum``)."""
+    counts = Counter(kind_sequence(config, steps))
     per_step = config.data.batch_size * config.train.grad_accum * config.train.num_workers
     return {kind: counts[kind] * per_step for kind in KINDS}
+
+
+def kinds_differ(config: Config, run: RunRecord, steps: int) -> list[int]:
+    """Steps whose logged kind (every time it was logged) is not the unfaulted run's."""
+    expected = kind_sequence(config, steps)
+    return [s for s in range(1, steps + 1) if run.kinds.get(s, set()) != {expected[s - 1]}]
 
 
 def sample_accounting(config: Config, metrics: dict, steps: int) -> tuple[int, int]:
@@ -77,12 +90,19 @@ def judge_recovery(
     logged = sorted({s for s, _ in run.step_log})
     continuous = logged == list(range(1, steps + 1))
     lost, doubled = sample_accounting(config, run.final, steps)
-    passed = run.final.get("step") == steps and continuous and run.mlflow_runs == 1 and lost == doubled == 0
+    wrong_kinds = kinds_differ(config, run, steps)
+    passed = (
+        run.final.get("step") == steps
+        and continuous
+        and run.mlflow_runs == 1
+        and lost == doubled == 0
+        and not wrong_kinds
+    )
     observed = (
         f"reached step {run.final.get('step')}/{steps}; {run.mlflow_runs} MLflow run, steps "
         f"{logged[0] if logged else '-'}..{logged[-1] if logged else '-'} continuous: {continuous}; "
-        f"samples double-counted {doubled}; worker groups started {len(run.of('train_start'))}, "
-        f"resumed at steps {run.resumed_at}"
+        f"samples double-counted {doubled}; kind sequence differs at steps {wrong_kinds}; worker groups "
+        f"started {len(run.of('train_start'))}, resumed at steps {run.resumed_at}"
     )
     return DrillResult(
         scenario,
@@ -96,6 +116,7 @@ def judge_recovery(
             "mlflow_runs": run.mlflow_runs,
             "doubled": doubled,
             "worker_groups": len(run.of("train_start")),
+            "kinds_differ": wrong_kinds,
             "resumed_at": run.resumed_at,
         },
     )

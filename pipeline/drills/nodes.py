@@ -14,6 +14,7 @@ patience. Real clusters keep the defaults, which avoid declaring a node dead dur
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -36,7 +37,7 @@ HEALTH_CHECKS = {
 class Node:
     name: str
     cpus: int
-    labels: dict[str, str]
+    resources: dict[str, float]
     process: subprocess.Popen = field(repr=False)
 
     @property
@@ -50,8 +51,26 @@ class Node:
         return None
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (children first found, then theirs), from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                parent = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
 class LocalCluster:
-    """``with LocalCluster() as cluster: cluster.add_node(cpus=1, labels={...})``.
+    """``with LocalCluster() as cluster: cluster.add_node(cpus=1, resources={...})``.
 
     The test bed the test session, ``jobs/fault_drill.py`` and the benchmarks share: a head of
     ``head_cpus`` and one node per entry of ``node_cpus`` (4 logical CPUs in all by default, on two
@@ -77,6 +96,7 @@ class LocalCluster:
         from pipeline.cluster import ROOT
 
         ray.init(
+            address="local",  # always a new cluster, never one a `ray start` on this machine left behind
             num_cpus=self.head_cpus,
             include_dashboard=False,
             _system_config=HEALTH_CHECKS,
@@ -87,10 +107,11 @@ class LocalCluster:
             self.add_node(cpus=cpus)
         return self
 
-    def add_node(self, cpus: int = 1, labels: dict[str, str] | None = None, wait_s: float = 60) -> Node:
-        """Starts a node and waits until Ray counts it alive."""
+    def add_node(self, cpus: int = 1, resources: dict[str, float] | None = None, wait_s: float = 60) -> Node:
+        """Starts a node (``resources``: custom Ray resources it offers) and waits until Ray counts it
+        alive."""
         name = f"node-{uuid.uuid4().hex[:6]}"
-        labels = {**(labels or {}), NODE_LABEL: name}
+        resources = dict(resources or {})
         log = open(self.log_dir / f"{name}.log", "w") if self.log_dir else subprocess.DEVNULL  # noqa: SIM115
         process = subprocess.Popen(
             [
@@ -99,7 +120,8 @@ class LocalCluster:
                 f"--address={self.gcs_address}",
                 f"--num-cpus={cpus}",
                 "--num-gpus=0",
-                f"--labels={','.join(f'{k}={v}' for k, v in labels.items())}",
+                f"--labels={NODE_LABEL}={name}",
+                f"--resources={json.dumps(resources)}",
                 f"--object-store-memory={150 * 2**20}",
                 "--min-worker-port=0",
                 "--max-worker-port=0",
@@ -111,7 +133,7 @@ class LocalCluster:
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
-        node = Node(name, cpus, labels, process)
+        node = Node(name, cpus, resources, process)
         self.nodes.append(node)
         deadline = time.monotonic() + wait_s
         while node.node_id is None:
@@ -123,45 +145,27 @@ class LocalCluster:
         return node
 
     def kill(self, node: Node, wait_s: float = 60) -> float:
-        """SIGKILL of the node's raylet and every process it started; returns the seconds until Ray
-        counted it dead (health checks: ``HEALTH_CHECKS``)."""
-        started = time.monotonic()
-        node_id = node.node_id
-        os.killpg(node.process.pid, signal.SIGKILL)
-        node.process.wait()
-        self.nodes.remove(node)
-        self._kill_orphans(node_id)
+        """SIGKILL, all at once, of the node's ``ray start`` process, its raylet and every process they
+        started (workers included); returns the seconds until Ray counted the node dead (health checks:
+        ``HEALTH_CHECKS``)."""
         import ray
 
+        started = time.monotonic()
+        node_id = node.node_id
+        for pid in [node.process.pid, *_descendants(node.process.pid)]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        node.process.wait()
+        self.nodes.remove(node)
         while any(n["NodeID"] == node_id and n["Alive"] for n in ray.nodes()):
             if time.monotonic() - started > wait_s:
                 raise TimeoutError(f"Ray still counts {node.name} alive {wait_s:.0f} s after it was killed")
             time.sleep(0.2)
         return time.monotonic() - started
 
-    @staticmethod
-    def _kill_orphans(node_id: str | None) -> None:
-        """Worker processes a raylet started may have left its process group (Ray puts some in their own
-        sessions): every process still bound to the dead node's id goes too."""
-        if not node_id:
-            return
-        for entry in Path("/proc").iterdir():
-            if not entry.name.isdigit():
-                continue
-            try:
-                environ = (entry / "environ").read_bytes()
-                cmdline = (entry / "cmdline").read_bytes()
-            except OSError:
-                continue
-            if node_id.encode() in environ or node_id.encode() in cmdline:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(int(entry.name), signal.SIGKILL)
-
     def __exit__(self, *exc) -> None:
         import ray
 
         for node in list(self.nodes):
-            os.killpg(node.process.pid, signal.SIGKILL)
-            node.process.wait()
-        self.nodes.clear()
+            self.kill(node)
         ray.shutdown()

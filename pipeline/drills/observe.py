@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from pipeline import storage
-from pipeline.config import Config
+from pipeline.config import KINDS, Config
 from pipeline.drills.judge import RunRecord
 from pipeline.train import checkpoint as ckpt
 from pipeline.train import events
@@ -71,6 +71,15 @@ def final_metrics(config: Config) -> dict:
     return metrics
 
 
+def logged_kinds(config: Config) -> dict[int, set[str]]:
+    """Step -> the kinds of batch it trained on as logged (``train/<kind>/total``; a redone step twice)."""
+    kinds: dict[int, set[str]] = {}
+    for kind in KINDS:
+        for m in metric_history(config, f"train/{kind}/total"):
+            kinds.setdefault(m.step, set()).add(kind)
+    return kinds
+
+
 def record(config: Config, final: dict | None = None) -> RunRecord:
     """Everything the judge needs of a finished run; ``final`` defaults to what MLflow holds."""
     return RunRecord(
@@ -78,4 +87,5 @@ def record(config: Config, final: dict | None = None) -> RunRecord:
         step_log=step_log(config),
         mlflow_runs=len(mlflow_runs(config)),
         events=run_events(config),
+        kinds=logged_kinds(config),
     )

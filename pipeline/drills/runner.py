@@ -10,13 +10,16 @@ from pipeline.drills.flaky_s3 import FlakyS3
 from pipeline.drills.harness import Workspace
 from pipeline.drills.job_faults import job_stop, secret_env, secrets_kept
 from pipeline.drills.judge import DrillResult
+from pipeline.drills.node_faults import node_joined, node_lost
+from pipeline.drills.nodes import LocalCluster
 from pipeline.drills.process_faults import kill_worker, stuck_worker
 from pipeline.drills.storage_faults import s3_gone, s3_gone_data, s3_outage
 from pipeline.train.launch import failure_summary
 
 LOCAL = {f.__name__: f for f in (kill_worker, stuck_worker, cut_checkpoint, altered_shard, skipped_input)}
 ON_S3 = {f.__name__: f for f in (s3_outage, s3_gone, s3_gone_data)}
-SCENARIOS = (*LOCAL, *ON_S3, "job_stop", "secrets_kept")
+NODES = {f.__name__: f for f in (node_lost, node_joined)}
+SCENARIOS = (*LOCAL, *NODES, *ON_S3, "job_stop", "secrets_kept")
 
 
 def guarded(name: str, drill: Callable[[], DrillResult]) -> DrillResult:
@@ -31,9 +34,11 @@ def guarded(name: str, drill: Callable[[], DrillResult]) -> DrillResult:
     return result
 
 
-def run_drills(ws: Workspace, names: list[str] | tuple[str, ...] = SCENARIOS) -> list[DrillResult]:
-    """Runs the named scenarios in table order on the connected Ray cluster (plus their own moto S3 and,
-    for the job-submission ones, their own token-auth head)."""
+def run_drills(
+    ws: Workspace, cluster: LocalCluster, names: list[str] | tuple[str, ...] = SCENARIOS
+) -> list[DrillResult]:
+    """Runs the named scenarios in table order on ``cluster`` (the node drills add and kill nodes of it),
+    plus their own moto S3 and, for the job-submission ones, their own token-auth head."""
     from pipeline.drills.head import RayHead
 
     unknown = sorted(set(names) - set(SCENARIOS))
@@ -43,6 +48,9 @@ def run_drills(ws: Workspace, names: list[str] | tuple[str, ...] = SCENARIOS) ->
     for name, drill in LOCAL.items():
         if name in names:
             results.append(guarded(name, lambda drill=drill: drill(ws)))
+    for name, drill in NODES.items():
+        if name in names:
+            results.append(guarded(name, lambda drill=drill: drill(ws, cluster)))
     s3 = FlakyS3() if {*ON_S3, "job_stop", "secrets_kept"} & set(names) else None
     for name, drill in ON_S3.items():
         if name in names:

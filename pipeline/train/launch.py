@@ -85,6 +85,7 @@ def validate_inputs(config: Config) -> dict[str, Manifest]:
         validate_ratios(config.data.ratios, [k for k, v in config.data.train.items() if v])
     except ValueError as e:
         raise InputError(str(e)) from e
+    check_world_sizes(config)
     text_vocab_size = config.data.vocab_size  # until one is trained; only image geometry is compared
     if config.data.tokenizer:
         try:
@@ -112,17 +113,53 @@ def validate_inputs(config: Config) -> dict[str, Manifest]:
     return manifests
 
 
+def check_world_sizes(config: Config) -> None:
+    """Every world size the run may train with must split the global batch evenly: the optimizer sees
+    the same global batch (``data.batch_size`` x ``train.num_workers`` rows per micro-step) at any size."""
+    fewest, most = config.train.worker_range
+    rows = config.data.batch_size * most
+    uneven = [w for w in range(fewest, most + 1) if rows % w]
+    if uneven:
+        fits = [w for w in range(1, most + 1) if rows % w == 0]
+        raise InputError(
+            f"a global batch of {rows} rows (data.batch_size={config.data.batch_size} x "
+            f"train.num_workers={most}) cannot be split evenly over {uneven} worker(s), which "
+            f"train.min_workers={fewest}..train.num_workers={most} allows; world sizes that divide it: {fits}"
+        )
+
+
 def check_cluster_cpus(config: Config) -> None:
     """Train workers that take every CPU leave Ray Data no CPU to read with: that is a silent hang, so
-    it is an error here (needs ``ray.init`` done)."""
+    it is an error here (needs ``ray.init`` done). An elastic run needs room for its fewest workers."""
     train = config.train
-    needed = train.num_workers * train.cpus_per_worker + 1
+    fewest = train.worker_range[0]
+    needed = fewest * train.cpus_per_worker + 1
     have = ray.cluster_resources().get("CPU", 0)
     if have < needed:
         raise InputError(
-            f"the Ray cluster has {have:g} CPUs; train.num_workers x train.cpus_per_worker = "
-            f"{train.num_workers} x {train.cpus_per_worker} plus 1 for Ray Data needs {needed}"
+            f"the Ray cluster has {have:g} CPUs; {fewest} worker(s) x train.cpus_per_worker="
+            f"{train.cpus_per_worker} plus 1 for Ray Data needs {needed}"
         )
+
+
+def check_storage_reachable(config: Config, node_hosts: set[str]) -> None:
+    """On nodes of several hosts, a local path is on one host's disk only: checkpoints written there are
+    missing on the others, and data there cannot be read elsewhere. Refused unless the config declares a
+    filesystem every node mounts (``storage.shared_filesystem``). ``node_hosts``: the alive nodes' IPs."""
+    if len(node_hosts) < 2 or config.storage.shared_filesystem:
+        return
+    local = paths.local_paths(config, paths.TRAINING)
+    if local:
+        listed = "; ".join(f"{key}={value}" for key, value in local.items())
+        raise InputError(
+            f"the Ray cluster's nodes are on {len(node_hosts)} hosts, but these paths are local to one of "
+            f"them: {listed}. Use s3:// (and an MLflow server for mlflow.tracking_uri), or mount a shared "
+            "filesystem at the same path on every node and set storage.shared_filesystem=true"
+        )
+
+
+def cluster_hosts() -> set[str]:
+    return {node["NodeManagerAddress"] for node in ray.nodes() if node["Alive"]}
 
 
 def resolve_paths(config: Config) -> Config:
@@ -162,6 +199,7 @@ def build_trainer(
     """The ``TorchTrainer`` of one run, for a config that went through ``resolve_paths`` and
     ``fix_tokenizer`` (a Tune trial passes its ``TuneReportCallback`` in ``callbacks``)."""
     train = config.train
+    fewest, most = train.worker_range
     data = data or open_train_data(config)[1]
     on_s3 = storage.is_s3(train.storage_path)
     storage_filesystem = storage.portable_s3_filesystem(config.storage) if on_s3 else None
@@ -177,9 +215,12 @@ def build_trainer(
             backend="nccl" if train.use_gpu else "gloo", timeout_s=train.collective_timeout_s
         ),
         scaling_config=ray.train.ScalingConfig(
-            num_workers=train.num_workers,
+            # a (fewest, most) range is Ray Train's elastic mode: it starts with what fits and resizes
+            # (restarting the group from the latest checkpoint) as nodes come and go
+            num_workers=train.num_workers if fewest == most else (fewest, most),
+            elastic_resize_monitor_interval_s=train.elastic_resize_monitor_interval_s,
             use_gpu=train.use_gpu,
-            resources_per_worker={"CPU": train.cpus_per_worker},
+            resources_per_worker={"CPU": train.cpus_per_worker, **train.worker_resources},
         ),
         run_config=ray.train.RunConfig(
             name=train.run_name,
@@ -219,6 +260,7 @@ def run_pretraining(config: Config, callbacks: list | None = None) -> PretrainRe
     config = resolve_paths(config)
     manifests = validate_inputs(config)
     check_cluster_cpus(config)
+    check_storage_reachable(config, cluster_hosts())
     config, data = open_train_data(config)  # every train shard checked (checksums) before the run opens
     run_id = start_tracking(config, manifests)
     tracker = tracking.Tracker(config.mlflow.tracking_uri, run_id)

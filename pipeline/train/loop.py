@@ -160,7 +160,8 @@ class Trainer:
         self.spec = self.model.spec
         self.progress = Progress()
         self.expected = {kind: self.spec.losses_for(kind) for kind in KINDS}
-        self.global_batch = config.data.batch_size * self.train.grad_accum * self.world
+        # the same at every world size: fewer ranks take larger shares (MixedStream.batch_rows)
+        self.global_batch = config.data.batch_size * self.train.grad_accum * self.train.num_workers
         self.run_fs, self.run_dir = storage.resolve(
             storage.join(self.train.storage_path, self.train.run_name), config.storage
         )
@@ -224,6 +225,7 @@ class Trainer:
                 "perf/step_time_s": step_time,
                 "perf/data_wait_s": wait,
                 "perf/samples_per_s": self.global_batch / step_time,
+                "sys/world_size": float(self.world),
                 **{f"samples/{k}": float(v) for k, v in p.samples.items()},
                 **{f"steps/{k}": float(v) for k, v in p.steps_by_kind.items()},
                 **_memory_mb(self.device),

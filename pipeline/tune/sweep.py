@@ -94,6 +94,7 @@ def trial_config(base: Config, params: dict, trial_id: str, parent_run_id: str, 
     config.train.run_name = f"trial-{trial_id}"
     config.train.storage_path = storage.join(experiment_uri(base), "train")
     config.train.num_workers = workers
+    config.train.min_workers = 0  # a trial is a fixed-size run
     config.train.export_model = False  # a trial's weights are kept as checkpoints; the winner is rerun
     config.mlflow.parent_run_id = parent_run_id
     config.mlflow.run_tags = {**base.mlflow.run_tags, TRIAL_ID_TAG: trial_id, SWEEP_TAG: base.tune.name}

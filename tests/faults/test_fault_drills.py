@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipeline.drills import data_faults, job_faults, process_faults, storage_faults
+from pipeline.drills import data_faults, job_faults, node_faults, process_faults, storage_faults
 from pipeline.drills.flaky_s3 import FlakyS3
 from pipeline.drills.harness import ROOT, Workspace, prepare_workspace
 from pipeline.drills.judge import DrillResult, format_table
@@ -45,6 +45,25 @@ def test_a_stuck_worker_becomes_an_error_and_a_restart_within_the_collective_tim
     result = process_faults.stuck_worker(ws, timeout_s=10)
     assert_recovered(result, max_redone=4)
     assert 10 <= result.recover_s <= result.details["bound_s"], result
+
+
+def test_a_preempted_node_leaves_the_run_training_and_it_grows_back_when_the_node_returns(ws, ray_cluster):
+    """2 -> 1 -> 2 workers through Ray Data: the same per-kind samples and kind sequence as a 2-worker run."""
+    result = node_faults.node_lost(ws, ray_cluster)
+    assert result.passed, result
+    assert result.details["world_sizes"] == [2, 1, 2] and result.details["world_sizes_per_step"] == [1, 2]
+    assert result.samples_lost == 0 and result.details["doubled"] == 0 and not result.details["kinds_differ"]
+    assert result.details["mlflow_runs"] == 1
+    assert result.steps_redone <= 2 * node_faults.CHECKPOINT_EVERY, result  # two restarts
+    assert result.recover_s is not None
+
+
+def test_a_joining_node_grows_the_run_to_full_size(ws, ray_cluster):
+    result = node_faults.node_joined(ws, ray_cluster)
+    assert result.passed, result
+    assert result.details["world_sizes"] == [1, 2]
+    assert result.samples_lost == 0 and not result.details["kinds_differ"]
+    assert result.steps_redone <= node_faults.CHECKPOINT_EVERY, result
 
 
 def test_a_cut_checkpoint_is_never_resumed_from(ws):

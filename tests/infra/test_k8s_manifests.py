@@ -246,6 +246,7 @@ def test_entrypoints_parse_and_fit_their_cluster(name, tmp_path, monkeypatch):
         slots = _train_slots(job)
         if script == "pretrain":
             assert config.train.num_workers == slots, f"{where}: num_workers != {slots} worker slots"
+            assert_elastic_range(where, job, config)
         else:
             per_trial = config.tune.workers_per_trial or config.train.num_workers
             assert per_trial <= slots, f"{where}: a trial needs {per_trial} of {slots} worker slots"
@@ -271,6 +272,21 @@ def test_entrypoints_parse_and_fit_their_cluster(name, tmp_path, monkeypatch):
         assert tracking and tracking[1] in services, f"{where}: {config.mlflow.tracking_uri} is no Service"
     assert set(configs) == {"pretrain", "tune_mixing"}
     assert_sweep_is_short(name, *configs["tune_mixing"], configs["pretrain"][1])
+
+
+def assert_elastic_range(where: str, job: dict, config) -> None:
+    """The worker group's replica range is the run's worker range (one Train worker per pod), and a
+    range that can shrink is kept by KubeRay's autoscaler (it replaces preempted pods)."""
+    (group,) = cluster_spec(job)["workerGroupSpecs"]
+    fewest, most = config.train.worker_range
+    replicas = (group["minReplicas"], group["replicas"], group["maxReplicas"])
+    assert replicas == (fewest, most, most), (
+        f"{where}: replicas (min, start, max) {replicas} != {fewest, most}"
+    )
+    if fewest < most:
+        assert cluster_spec(job).get("enableInTreeAutoscaling"), f"{where}: elastic without autoscaling"
+    assert job["spec"].get("backoffLimit", 0) >= 1, f"{where}: a failed job is never retried"
+    assert job["spec"].get("activeDeadlineSeconds", 0) > 0, f"{where}: no deadline"
 
 
 def assert_sweep_is_short(name: str, tune_job: dict, sweep, pretrain) -> None:
