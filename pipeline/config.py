@@ -24,7 +24,10 @@ KINDS = ("image_text", "image", "text")
 Kind = Literal["image_text", "image", "text"]
 PRESET_NAMES = ("tiny", "small", "base", "large")  # model.presets.PRESETS (a test keeps them equal)
 # keys that were renamed: naming the new key beats "unknown key"
-RENAMED = {"train.bf16": "train.precision (fp32 | bf16)"}
+RENAMED = {
+    "train.bf16": "train.precision (fp32 | bf16)",
+    "data.shuffle_buffer": "data.shuffle_window (rows of a data partition shuffled together)",
+}
 
 
 class ConfigError(ValueError):
@@ -147,10 +150,15 @@ class DataConfig:
     mim_mask_ratio: float = 0.4
     itm_negative_fraction: float = 0.25
     flip_probability: float = 0.5
-    shuffle_buffer: int = 256
+    # rows of each partition of an epoch that are shuffled together (pipeline/data/order.py): windows
+    # hold whole batches, and a worker keeps one window of each of its partitions in memory
+    shuffle_window: int = 256
     read_ahead: int = 4  # batches per kind a worker thread reads ahead, across epoch restarts (0: none)
     stall_timeout_s: float = 600  # a worker waiting longer for a batch fails (storage gone); 0: no limit
     on_corrupt_shard: Literal["error", "skip"] = "error"
+    # a resume whose datasets changed since the checkpoint (shards or checksums differ): error, or start
+    # that kind's epoch afresh over the new data (logged, and recorded in MLflow as a data.restart tag)
+    on_changed_data: Literal["error", "restart_epoch"] = "error"
     verify_checksums: bool = True  # sha256 of every shard before reading (sizes are always checked)
     seed: int = 0
 
@@ -158,7 +166,8 @@ class DataConfig:
         c.at_least(1, "batch_size")
         c.at_least(2, "max_text_length")
         c.at_least(8, "vocab_size")
-        c.at_least(0, "shuffle_buffer", "read_ahead", "stall_timeout_s")
+        c.at_least(1, "shuffle_window")
+        c.at_least(0, "read_ahead", "stall_timeout_s")
         c.fraction("mlm_probability", "mim_mask_ratio", "itm_negative_fraction")
         c.fraction("flip_probability", closed=True)
         unknown = sorted(set(self.ratios) - set(KINDS))

@@ -1,0 +1,250 @@
+"""Reading the rows of ``pipeline.data.order``: one kind, one rank, one epoch at a time, in Ray Data tasks.
+
+An epoch of a rank is a list of read tasks, one per (window of rows, chunk of the rank's partitions): a
+task reads from the shards only the row groups holding its rows, puts the rows in the epoch's order and
+prepares them (decode, normalise, tokenise). ``KindReader`` runs the tasks in parallel with Ray Data and
+streams their results in task order (``preserve_order``), then cuts the rank's micro-batch ``b`` out of the
+windows: every partition's rows ``[b*g, (b+1)*g)``, in partition order.
+
+A row that cannot be prepared (an undecodable image, an empty caption) is replaced by the next usable row
+of the same window of its partition, and counted by reason: the batch keeps its size and its place in the
+order, the same at every world size, and nothing is dropped silently. A window with no usable row at all
+is an error naming the dataset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline import storage
+from pipeline.config import StorageConfig
+from pipeline.data.order import EpochOrder, KindSource
+from pipeline.data.transforms import TransformParams, prepare_columns
+
+KEY_HASH_BITS = 52  # per-row key hashes whose sums stay exact in a float64 (an MLflow metric)
+COLUMNS = {
+    "image": ("key", "image", "dvae_codes", "dvae_codes_flipped"),
+    "text": ("key", "text"),
+    "image_text": ("key", "image", "dvae_codes", "dvae_codes_flipped", "text"),
+}
+
+
+def key_hash(keys: list[str]) -> np.ndarray:
+    """A 52-bit hash per row key: sums of them fingerprint a batch's multiset of rows."""
+    mask = (1 << KEY_HASH_BITS) - 1
+    return np.array(
+        [int.from_bytes(hashlib.blake2b(k.encode(), digest_size=8).digest(), "little") & mask for k in keys],
+        dtype=np.int64,
+    )
+
+
+def keys_digest(hashes: np.ndarray) -> int:
+    """The order-free fingerprint of a multiset of rows: the sum of their key hashes mod 2**52."""
+    return int(np.asarray(hashes, dtype=np.uint64).sum() % np.uint64(1 << KEY_HASH_BITS))
+
+
+@dataclass(frozen=True)
+class ReadTask:
+    """One window of some partitions of one epoch: what a Ray Data task reads and prepares."""
+
+    window: int
+    partitions: tuple[int, ...]
+    first_row: int  # rows of the window before this one are not wanted (a resume inside the window)
+
+
+def tasks_for(order: EpochOrder, partitions: range, first_batch: int, rows_per_task: int) -> list[ReadTask]:
+    """The read tasks of a rank's ``partitions`` from global batch ``first_batch`` to the epoch's end."""
+    start = first_batch * order.rows_per_partition_batch
+    chunk = max(1, rows_per_task // order.window)
+    windows = range(start // order.window, -(-order.region_rows // order.window))
+    return [
+        ReadTask(window, tuple(partitions[i : i + chunk]), max(0, start - window * order.window))
+        for window in windows
+        for i in range(0, len(partitions), chunk)
+    ]
+
+
+def read_rows(
+    source: KindSource, storage_cfg: StorageConfig, shards: np.ndarray, rows: np.ndarray
+) -> dict[str, object]:
+    """The rows (``shards[i]``, ``rows[i]``) of the source in that order, as the transforms take columns;
+    only the row groups holding them are read."""
+    tables, index = [], np.empty(len(rows), dtype=np.int64)
+    read = 0
+    for shard in np.unique(shards):
+        fs, path = storage.resolve(storage.join(source.uri, source.files[shard]), storage_cfg)
+        with fs.open_input_file(path) as f:
+            parquet = pq.ParquetFile(f)
+            sizes = np.array([parquet.metadata.row_group(i).num_rows for i in range(parquet.num_row_groups)])
+            starts = np.concatenate([[0], np.cumsum(sizes)])
+            wanted = np.flatnonzero(shards == shard)
+            group_of = np.searchsorted(starts, rows[wanted], side="right") - 1
+            groups = np.unique(group_of)
+            tables.append(parquet.read_row_groups(groups.tolist(), columns=list(COLUMNS[source.kind])))
+        before = np.concatenate([[0], np.cumsum(sizes[groups])])  # rows read before each group
+        index[wanted] = read + before[np.searchsorted(groups, group_of)] + rows[wanted] - starts[group_of]
+        read += tables[-1].num_rows
+    return table_columns(pa.concat_tables(tables).take(pa.array(index)))
+
+
+def table_columns(table: pa.Table | pa.RecordBatch) -> dict[str, object]:
+    """Shard columns as the transforms take them; the codes are a zero-copy reshape of the list values."""
+    columns: dict[str, object] = {}
+    for name in table.column_names:
+        column = table.column(name)
+        if isinstance(column, pa.ChunkedArray):
+            column = column.combine_chunks()
+        if name.startswith("dvae_codes"):
+            columns[name] = column.flatten().to_numpy().reshape(len(table), -1)
+        else:
+            columns[name] = column.to_pylist()
+    return columns
+
+
+def stand_ins(unusable: np.ndarray, windows: int) -> np.ndarray:
+    """For each row, the row that takes its place: itself, or for an unusable row the next usable row of
+    the same window (cyclically); ``unusable`` holds ``windows`` equal windows one after the other."""
+    size = len(unusable) // windows
+    out = np.arange(len(unusable))
+    for w in range(windows):
+        lo = w * size
+        good = np.flatnonzero(~unusable[lo : lo + size]) + lo
+        if not len(good):
+            raise ValueError(f"all {size} rows of a window are unusable")
+        for i in np.flatnonzero(unusable[lo : lo + size]) + lo:
+            later = good[good > i]
+            out[i] = later[0] if len(later) else good[0]
+    return out
+
+
+def read_task(
+    task: ReadTask,
+    order: EpochOrder,
+    source: KindSource,
+    storage_cfg: StorageConfig,
+    params: TransformParams,
+    tokenizer,
+) -> tuple[dict[str, np.ndarray], Counter]:
+    """The prepared rows of a task: partition after partition, each partition's window rows from
+    ``task.first_row`` on, in epoch order, with a ``key_hash`` column; and the reasons of replaced rows."""
+    start = task.window * order.window
+    stop = min(start + order.window, order.region_rows)
+    positions = np.concatenate([order.positions(p, start, stop) for p in task.partitions])
+    columns = read_rows(source, storage_cfg, *order.locate(positions))
+    prepared, reasons = prepare_columns(
+        source.kind, columns, params, tokenizer if source.kind != "image" else None
+    )
+    prepared["key_hash"] = key_hash(columns["key"])
+    unusable = np.array([r is not None for r in reasons], dtype=bool)
+    try:
+        use = stand_ins(unusable, len(task.partitions))
+    except ValueError as e:
+        raise ValueError(f"{source.uri}: {e} (epoch {order.epoch}, rows {start}..{stop - 1})") from None
+    size = stop - start
+    wanted = np.concatenate(
+        [np.arange(i * size + task.first_row, (i + 1) * size) for i in range(len(task.partitions))]
+    )
+    skipped = Counter(reasons[i] for i in wanted if reasons[i])
+    return {name: values[use[wanted]] for name, values in prepared.items()}, skipped
+
+
+def micro_batches(
+    results: Iterator[tuple[ReadTask, dict[str, np.ndarray]]], order: EpochOrder, partitions: range
+) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+    """(global batch index, the rank's rows of it) from a rank's task results in task order.
+
+    A result holds, per partition of its chunk, the window's rows from ``first_row`` on; once every
+    partition of the rank has its part of a window, the window's batches are cut: batch ``b`` takes rows
+    ``[b*g, (b+1)*g)`` of each partition, in partition order (windows hold whole batches)."""
+    g = order.rows_per_partition_batch
+    parts: dict[int, dict[str, np.ndarray]] = {}
+    for task, rows in results:
+        size = len(rows["key_hash"]) // len(task.partitions)
+        for i, p in enumerate(task.partitions):
+            parts[p] = {k: v[i * size : (i + 1) * size] for k, v in rows.items()}
+        if len(parts) < len(partitions):
+            continue
+        first = (task.window * order.window + task.first_row) // g
+        for j in range(size // g):
+            rows_of = [parts[p] for p in partitions]
+            yield first + j, {k: np.concatenate([r[k][j * g : (j + 1) * g] for r in rows_of]) for k in rows}
+        parts = {}
+
+
+ROWS_PER_TASK = 256  # rows a read task prepares: partitions of a window are grouped up to about this
+
+
+def _read_tasks(batch: dict[str, np.ndarray], tasks, order, source, storage_cfg, params, tokenizer, counter):
+    """The ``map_batches`` function of an epoch: task index -> its prepared rows (replacements counted)."""
+    (index,) = batch["task"]
+    rows, skipped = read_task(tasks[index], order, source, storage_cfg, params, tokenizer)
+    if skipped and counter is not None:
+        counter.add.remote({f"{source.kind}/{reason}": n for reason, n in skipped.items()})
+    return {**rows, "task": np.full(len(rows["key_hash"]), index)}
+
+
+class KindReader:
+    """A rank's batches of one kind, epoch after epoch, from a data position on: each epoch one Ray Data
+    dataset of read tasks (``tasks_for``) run in parallel, its results consumed in order."""
+
+    def __init__(self, spec, kind: str, rank: int, world: int, prefetch_blocks: int = 2):
+        self.spec, self.source = spec, spec.layout.sources[kind]
+        self.rank, self.world = rank, world
+        self.prefetch_blocks = prefetch_blocks
+
+    def order(self, epoch: int) -> EpochOrder:
+        return self.spec.layout.order(self.source.kind, epoch)
+
+    def epochs(self, epoch: int, first_batch: int) -> Iterator[tuple[int, int, dict[str, np.ndarray]]]:
+        """(epoch, global batch index, the rank's rows) from batch ``first_batch`` of ``epoch`` on."""
+        while True:
+            order = self.order(epoch)
+            if order.batches == 0:
+                raise RuntimeError(
+                    f"the {self.source.kind} train dataset {self.source.uri} has {sum(self.source.rows)} "
+                    f"rows, too few for one global batch of {order.global_rows} rows in "
+                    f"{order.partitions} partition(s) (fewer workers or a smaller data.batch_size)"
+                )
+            if first_batch < order.batches:
+                for batch, rows in micro_batches(
+                    self._results(order, first_batch), order, self._partitions(order)
+                ):
+                    yield epoch, batch, rows
+            epoch, first_batch = epoch + 1, 0
+
+    def _partitions(self, order: EpochOrder) -> range:
+        return order.partitions_of(self.rank, self.world)
+
+    def _results(
+        self, order: EpochOrder, first_batch: int
+    ) -> Iterator[tuple[ReadTask, dict[str, np.ndarray]]]:
+        import ray.data
+
+        tasks = tasks_for(order, self._partitions(order), first_batch, ROWS_PER_TASK)
+        ds = ray.data.from_items([{"task": i} for i in range(len(tasks))], override_num_blocks=len(tasks))
+        ds = ds.map_batches(
+            _read_tasks,
+            fn_kwargs=dict(
+                tasks=tasks,
+                order=order,
+                source=self.source,
+                storage_cfg=self.spec.storage,
+                params=self.spec.params,
+                tokenizer=self.spec.tokenizer,
+                counter=self.spec.skip_counter,
+            ),
+            batch_size=1,
+            batch_format="numpy",
+        )
+        ds.context.execution_options.preserve_order = True  # the epoch's order is the tasks' order
+        for block in ds.iter_batches(
+            batch_size=None, batch_format="numpy", prefetch_batches=self.prefetch_blocks
+        ):
+            yield tasks[int(block["task"][0])], {k: v for k, v in block.items() if k != "task"}
