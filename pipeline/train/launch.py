@@ -7,6 +7,7 @@ Everything that can be wrong with the inputs is found here, before a worker star
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -115,25 +116,22 @@ def validate_inputs(config: Config) -> dict[str, Manifest]:
 
 
 def check_world_sizes(config: Config) -> None:
-    """Every world size the run may train with must split the global batch evenly: the optimizer sees
-    the same global batch (``data.batch_size`` x ``train.num_workers`` rows per micro-step) at any size."""
+    """Every world size the run may train with must split the global batch evenly, and so must the data
+    partitions the row order needs for that range (``pipeline.data.order``): the optimizer sees the same
+    global batch (``data.batch_size`` x ``train.num_workers`` rows a micro-step), of the same rows, at any
+    size."""
     fewest, most = config.train.worker_range
     rows = config.data.batch_size * most
     partitions = partitions_for(fewest, most)
     if rows % partitions:
+        step = partitions // math.gcd(partitions, most)
+        below = config.data.batch_size - config.data.batch_size % step
+        fits = ", ".join(str(b) for b in (below, below + step) if b > 0)
         raise InputError(
             f"a global batch of {rows} rows (data.batch_size={config.data.batch_size} x train.num_workers="
-            f"{most}) cannot take the same share from each of the {partitions} data partitions that "
-            f"{fewest}..{most} workers need (the least common multiple of the world sizes); choose "
-            f"data.batch_size so that {rows} becomes a multiple of {partitions}, or a narrower range"
-        )
-    uneven = [w for w in range(fewest, most + 1) if rows % w]
-    if uneven:
-        fits = [w for w in range(1, most + 1) if rows % w == 0]
-        raise InputError(
-            f"a global batch of {rows} rows (data.batch_size={config.data.batch_size} x "
-            f"train.num_workers={most}) cannot be split evenly over {uneven} worker(s), which "
-            f"train.min_workers={fewest}..train.num_workers={most} allows; world sizes that divide it: {fits}"
+            f"{most}) cannot be split evenly at every world size of train.min_workers={fewest}.."
+            f"train.num_workers={most} ({partitions} data partitions, their least common multiple): "
+            f"choose a data.batch_size that is a multiple of {step} ({fits}), or a narrower range"
         )
 
 
