@@ -29,7 +29,7 @@ def collect_batches(config: Config, tokenizer: WordPieceTokenizer, per_kind: int
     from pipeline.data.stream import MixedStream
 
     data = build_train_data(config, tokenizer)
-    stream = MixedStream(data.spec, rank=0, world=data.spec.full_world)  # what rank 0 of the run reads
+    stream = MixedStream(data.spec, rank=0, world=config.train.num_workers)  # what rank 0 of the run reads
     got: dict[str, list[dict]] = defaultdict(list)
     try:
         for kind in data.spec.kinds:  # by kind, not by ratio, so rare kinds show up too
