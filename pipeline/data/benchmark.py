@@ -141,6 +141,7 @@ def bench_ray(setup: Setup, workers: int):
     import ray
 
     ray.init(
+        address="local",  # its own CPUs, even where a `ray start` cluster is up
         num_cpus=workers,
         include_dashboard=False,
         log_to_driver=False,
@@ -150,15 +151,9 @@ def bench_ray(setup: Setup, workers: int):
     spec = build_train_data(setup.config, setup.tokenizer).spec
     reader = KindReader(spec, setup.kind, rank=0, world=1)  # what a Train worker reads
 
-    def rows_of(e: int):
-        batches = reader.epochs(e, 0)
-        try:
-            for epoch, _, rows in batches:
-                if epoch != e:
-                    return
-                yield {k: v for k, v in rows.items() if k != "key_hash"}
-        finally:
-            batches.close()
+    def rows_of(e: int):  # the whole epoch: its dataset ends as it does in training, workers stay warm
+        for _, rows in reader.epoch(e):
+            yield {k: v for k, v in rows.items() if k != "key_hash"}
 
     return lambda e: consume(setup, rows_of(e), e)
 

@@ -1,15 +1,16 @@
 """Reading the rows of ``pipeline.data.order``: one kind, one rank, one epoch at a time, in Ray Data tasks.
 
-An epoch of a rank is a list of read tasks, one per (window of rows, chunk of the rank's partitions): a
-task reads from the shards only the row groups holding its rows, puts the rows in the epoch's order and
-prepares them (decode, normalise, tokenise). ``KindReader`` runs the tasks in parallel with Ray Data and
-streams their results in task order (``preserve_order``), then cuts the rank's micro-batch ``b`` out of the
-windows: every partition's rows ``[b*g, (b+1)*g)``, in partition order.
+An epoch of a rank is a list of read tasks of about ``ROWS_PER_TASK`` rows each (a range of rows of a chunk
+of the rank's partitions): a task reads from the shards only the row groups holding its rows, puts the rows
+in the epoch's order and prepares them (decode, normalise, tokenise). ``KindReader`` runs the tasks in
+parallel with Ray Data and streams their results in task order (``preserve_order``), then cuts the rank's
+micro-batch ``b`` out of them: every partition's rows ``[b*g, (b+1)*g)``, in partition order.
 
 A row that cannot be prepared (an undecodable image, an empty caption) is replaced by the next usable row
-of the same window of its partition, and counted by reason: the batch keeps its size and its place in the
-order, the same at every world size, and nothing is dropped silently. A window with no usable row at all
-is an error naming the dataset.
+of the same piece of its partition (``stand_in_piece`` rows, whole batches, counted from the region's
+start, so the same at every world size and task size), and counted by reason: the batch keeps its size and
+its place in the order, and nothing is dropped silently. A piece with no usable row is an error naming the
+dataset.
 """
 
 from __future__ import annotations
@@ -50,23 +51,36 @@ def keys_digest(hashes: np.ndarray) -> int:
     return int(np.asarray(hashes, dtype=np.uint64).sum() % np.uint64(1 << KEY_HASH_BITS))
 
 
+STAND_IN_ROWS = 64  # rows of a partition among which an unusable row finds its stand-in (whole batches)
+ROWS_PER_TASK = 128  # rows a read task prepares: fewer, larger tasks amortise Ray Data's per-task cost
+
+
+def stand_in_piece(order: EpochOrder) -> int:
+    g = order.rows_per_partition_batch
+    return -(-STAND_IN_ROWS // g) * g
+
+
 @dataclass(frozen=True)
 class ReadTask:
-    """One window of some partitions of one epoch: what a Ray Data task reads and prepares."""
+    """Rows ``start..stop-1`` of some partitions' regions of one epoch: what a Ray Data task reads and
+    prepares (``start`` at a stand-in piece's start)."""
 
-    window: int
+    start: int
+    stop: int
     partitions: tuple[int, ...]
-    first_row: int  # rows of the window before this one are not wanted (a resume inside the window)
+    first_row: int  # rows of the task before this one are not wanted (a resume inside the task)
 
 
 def tasks_for(order: EpochOrder, partitions: range, first_batch: int, rows_per_task: int) -> list[ReadTask]:
     """The read tasks of a rank's ``partitions`` from global batch ``first_batch`` to the epoch's end."""
-    start = first_batch * order.rows_per_partition_batch
-    chunk = max(1, rows_per_task // order.window)
-    windows = range(start // order.window, -(-order.region_rows // order.window))
+    piece = stand_in_piece(order)
+    chunk = max(1, rows_per_task // piece)  # partitions per task
+    span = max(1, rows_per_task // (piece * min(chunk, len(partitions)))) * piece  # rows per partition
+    first = first_batch * order.rows_per_partition_batch
+    starts = range(first // piece * piece, order.region_rows, span)
     return [
-        ReadTask(window, tuple(partitions[i : i + chunk]), max(0, start - window * order.window))
-        for window in windows
+        ReadTask(lo, min(lo + span, order.region_rows), tuple(partitions[i : i + chunk]), max(0, first - lo))
+        for lo in starts
         for i in range(0, len(partitions), chunk)
     ]
 
@@ -108,19 +122,20 @@ def table_columns(table: pa.Table | pa.RecordBatch) -> dict[str, object]:
     return columns
 
 
-def stand_ins(unusable: np.ndarray, windows: int) -> np.ndarray:
+def stand_ins(unusable: np.ndarray, size: int, piece: int) -> np.ndarray:
     """For each row, the row that takes its place: itself, or for an unusable row the next usable row of
-    the same window (cyclically); ``unusable`` holds ``windows`` equal windows one after the other."""
-    size = len(unusable) // windows
+    the same piece (cyclically); ``unusable`` holds partitions of ``size`` rows one after the other, each
+    cut into pieces of ``piece`` rows (the last one may be shorter)."""
     out = np.arange(len(unusable))
-    for w in range(windows):
-        lo = w * size
-        good = np.flatnonzero(~unusable[lo : lo + size]) + lo
-        if not len(good):
-            raise ValueError(f"all {size} rows of a window are unusable")
-        for i in np.flatnonzero(unusable[lo : lo + size]) + lo:
-            later = good[good > i]
-            out[i] = later[0] if len(later) else good[0]
+    for lo in range(0, len(unusable), size):
+        for a in range(lo, lo + size, piece):
+            b = min(a + piece, lo + size)
+            good = np.flatnonzero(~unusable[a:b]) + a
+            if not len(good):
+                raise ValueError(f"all {b - a} rows of a piece are unusable")
+            for i in np.flatnonzero(unusable[a:b]) + a:
+                later = good[good > i]
+                out[i] = later[0] if len(later) else good[0]
     return out
 
 
@@ -132,22 +147,23 @@ def read_task(
     params: TransformParams,
     tokenizer,
 ) -> tuple[dict[str, np.ndarray], Counter]:
-    """The prepared rows of a task: partition after partition, each partition's window rows from
+    """The prepared rows of a task: partition after partition, each partition's rows from
     ``task.first_row`` on, in epoch order, with a ``key_hash`` column; and the reasons of replaced rows."""
-    start = task.window * order.window
-    stop = min(start + order.window, order.region_rows)
-    positions = np.concatenate([order.positions(p, start, stop) for p in task.partitions])
+    positions = np.concatenate([order.positions(p, task.start, task.stop) for p in task.partitions])
     columns = read_rows(source, storage_cfg, *order.locate(positions))
     prepared, reasons = prepare_columns(
         source.kind, columns, params, tokenizer if source.kind != "image" else None
     )
     prepared["key_hash"] = key_hash(columns["key"])
     unusable = np.array([r is not None for r in reasons], dtype=bool)
+    size = task.stop - task.start
     try:
-        use = stand_ins(unusable, len(task.partitions))
+        use = stand_ins(unusable, size, stand_in_piece(order))
     except ValueError as e:
-        raise ValueError(f"{source.uri}: {e} (epoch {order.epoch}, rows {start}..{stop - 1})") from None
-    size = stop - start
+        raise ValueError(
+            f"{source.uri}: {e} (epoch {order.epoch}, rows {task.start}..{task.stop - 1} of partitions "
+            f"{list(task.partitions)})"
+        ) from None
     wanted = np.concatenate(
         [np.arange(i * size + task.first_row, (i + 1) * size) for i in range(len(task.partitions))]
     )
@@ -158,27 +174,21 @@ def read_task(
 def micro_batches(
     results: Iterator[tuple[ReadTask, dict[str, np.ndarray]]], order: EpochOrder, partitions: range
 ) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
-    """(global batch index, the rank's rows of it) from a rank's task results in task order.
-
-    A result holds, per partition of its chunk, the window's rows from ``first_row`` on; once every
-    partition of the rank has its part of a window, the window's batches are cut: batch ``b`` takes rows
-    ``[b*g, (b+1)*g)`` of each partition, in partition order (windows hold whole batches)."""
+    """(global batch index, the rank's rows of it) from a rank's task results in task order: batch ``b``
+    takes rows ``[b*g, (b+1)*g)`` of each of the rank's partitions, in partition order, once all of them
+    have arrived (a rank's partitions may be read by several tasks)."""
     g = order.rows_per_partition_batch
-    parts: dict[int, dict[str, np.ndarray]] = {}
+    pending: dict[int, dict[int, dict[str, np.ndarray]]] = {}
     for task, rows in results:
-        size = len(rows["key_hash"]) // len(task.partitions)
+        count = len(rows["key_hash"]) // (g * len(task.partitions))
+        first = (task.start + task.first_row) // g
         for i, p in enumerate(task.partitions):
-            parts[p] = {k: v[i * size : (i + 1) * size] for k, v in rows.items()}
-        if len(parts) < len(partitions):
-            continue
-        first = (task.window * order.window + task.first_row) // g
-        for j in range(size // g):
-            rows_of = [parts[p] for p in partitions]
-            yield first + j, {k: np.concatenate([r[k][j * g : (j + 1) * g] for r in rows_of]) for k in rows}
-        parts = {}
-
-
-ROWS_PER_TASK = 256  # rows a read task prepares: partitions of a window are grouped up to about this
+            for j in range(count):
+                lo = (i * count + j) * g
+                pending.setdefault(first + j, {})[p] = {k: v[lo : lo + g] for k, v in rows.items()}
+        while pending and len(pending[min(pending)]) == len(partitions):
+            parts = pending.pop(batch := min(pending))
+            yield batch, {k: np.concatenate([parts[p][k] for p in partitions]) for k in rows}
 
 
 def _read_tasks(batch: dict[str, np.ndarray], tasks, order, source, storage_cfg, params, tokenizer, counter):
@@ -205,19 +215,21 @@ class KindReader:
     def epochs(self, epoch: int, first_batch: int) -> Iterator[tuple[int, int, dict[str, np.ndarray]]]:
         """(epoch, global batch index, the rank's rows) from batch ``first_batch`` of ``epoch`` on."""
         while True:
-            order = self.order(epoch)
-            if order.batches == 0:
-                raise RuntimeError(
-                    f"the {self.source.kind} train dataset {self.source.uri} has {sum(self.source.rows)} "
-                    f"rows, too few for one global batch of {order.global_rows} rows in "
-                    f"{order.partitions} partition(s) (fewer workers or a smaller data.batch_size)"
-                )
-            if first_batch < order.batches:
-                for batch, rows in micro_batches(
-                    self._results(order, first_batch), order, self._partitions(order)
-                ):
-                    yield epoch, batch, rows
+            for batch, rows in self.epoch(epoch, first_batch):
+                yield epoch, batch, rows
             epoch, first_batch = epoch + 1, 0
+
+    def epoch(self, epoch: int, first_batch: int = 0) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+        """(global batch index, the rank's rows) of one epoch from batch ``first_batch`` to its end."""
+        order = self.order(epoch)
+        if order.batches == 0:
+            raise RuntimeError(
+                f"the {self.source.kind} train dataset {self.source.uri} has {sum(self.source.rows)} "
+                f"rows, too few for one global batch of {order.global_rows} rows in "
+                f"{order.partitions} partition(s) (fewer workers or a smaller data.batch_size)"
+            )
+        if first_batch < order.batches:
+            yield from micro_batches(self._results(order, first_batch), order, self._partitions(order))
 
     def _partitions(self, order: EpochOrder) -> range:
         return order.partitions_of(self.rank, self.world)

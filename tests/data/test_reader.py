@@ -8,6 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import StorageConfig, load_config
+from pipeline.data import reader
 from pipeline.data.datasets import build_train_data
 from pipeline.data.reader import KindReader, key_hash, stand_ins
 from pipeline.data.synthetic import write_synthetic_dataset
@@ -61,14 +62,26 @@ def test_a_global_batch_is_the_same_rows_with_one_and_two_workers(spec):
         assert len(set(halves[0][i][2]) & set(halves[1][i][2])) == 0  # disjoint shares
 
 
+def test_tasks_that_split_a_ranks_partitions_give_the_same_batches(spec, monkeypatch):
+    whole = batches(spec, 0, 1, 0, 1, 4)  # one task per 128 rows: both partitions in a task
+    monkeypatch.setattr(reader, "ROWS_PER_TASK", 8)  # one task per batch slice of one partition
+    monkeypatch.setattr(reader, "STAND_IN_ROWS", 8)  # (clean rows: where stand-ins come from is moot)
+    assert len(reader.tasks_for(reader.KindReader(spec, "image_text", 0, 1).order(0), range(2), 1, 8)) == 10
+    split = batches(spec, 0, 1, 0, 1, 4)
+    assert [(e, b, k.tolist()) for e, b, k in split] == [(e, b, k.tolist()) for e, b, k in whole]
+
+
 def test_a_resume_reads_on_from_the_data_position(spec):
     straight = batches(spec, 0, 2, 0, 0, 9)
     resumed = batches(spec, 0, 2, 0, 4, 5)  # batch 4 of epoch 0 on: the rest of the epoch, then the next
     assert [(e, b, k.tolist()) for e, b, k in resumed] == [(e, b, k.tolist()) for e, b, k in straight[4:]]
 
 
-def test_an_unusable_row_is_replaced_by_the_next_usable_row_of_its_window():
+def test_an_unusable_row_is_replaced_by_the_next_usable_row_of_its_piece():
     unusable = np.array([False, True, False, True, True, False, True, False])
-    assert stand_ins(unusable, windows=2).tolist() == [0, 2, 2, 0, 5, 5, 7, 7]
-    with pytest.raises(ValueError, match="all 4 rows of a window are unusable"):
-        stand_ins(np.array([False] * 4 + [True] * 4), windows=2)
+    assert stand_ins(unusable, size=8, piece=4).tolist() == [0, 2, 2, 0, 5, 5, 7, 7]
+    # two partitions of 5 rows, pieces of 3: the last piece of each partition is shorter
+    unusable = np.array([False, True, True, False, True] + [True, False, False, True, False])
+    assert stand_ins(unusable, size=5, piece=3).tolist() == [0, 0, 0, 3, 3, 6, 6, 7, 9, 9]
+    with pytest.raises(ValueError, match="all 4 rows of a piece are unusable"):
+        stand_ins(np.array([False] * 4 + [True] * 4), size=8, piece=4)
