@@ -24,7 +24,7 @@ import torch.utils.data
 from pipeline import storage
 from pipeline.config import Config, StorageConfig, load_config
 from pipeline.data.datasets import build_train_data, transform_params
-from pipeline.data.reader import KindReader, table_columns
+from pipeline.data.reader import BOOKKEEPING, KindReader, table_columns
 from pipeline.data.synthetic import write_synthetic_dataset
 from pipeline.data.tokenizer import WordPieceTokenizer, load_or_train_tokenizer, train_tokenizer
 from pipeline.data.transforms import TransformParams, augment_batch, batch_rng, prepare_rows
@@ -153,7 +153,7 @@ def bench_ray(setup: Setup, workers: int):
 
     def rows_of(e: int):  # the whole epoch: its dataset ends as it does in training, workers stay warm
         for _, rows in reader.epoch(e):
-            yield {k: v for k, v in rows.items() if k != "key_hash"}
+            yield {k: v for k, v in rows.items() if k not in BOOKKEEPING}
 
     return lambda e: consume(setup, rows_of(e), e)
 

@@ -16,6 +16,7 @@ dataset.
 from __future__ import annotations
 
 import hashlib
+import itertools
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -27,7 +28,7 @@ import pyarrow.parquet as pq
 from pipeline import storage
 from pipeline.config import StorageConfig
 from pipeline.data.order import EpochOrder, KindSource
-from pipeline.data.transforms import TransformParams, prepare_columns
+from pipeline.data.transforms import SKIP_REASONS, TransformParams, prepare_columns
 
 KEY_HASH_BITS = 52  # per-row key hashes whose sums stay exact in a float64 (an MLflow metric)
 COLUMNS = {
@@ -139,6 +140,15 @@ def stand_ins(unusable: np.ndarray, size: int, piece: int) -> np.ndarray:
     return out
 
 
+BOOKKEEPING = ("key_hash", "skip_reason")  # columns of a read batch that are not model inputs
+
+
+def skipped(rows: dict[str, np.ndarray]) -> Counter:
+    """Rows of a read batch that stand in for unusable ones, by reason."""
+    codes = rows["skip_reason"]
+    return Counter(SKIP_REASONS[c] for c in codes[codes >= 0])
+
+
 def read_task(
     task: ReadTask,
     order: EpochOrder,
@@ -146,9 +156,10 @@ def read_task(
     storage_cfg: StorageConfig,
     params: TransformParams,
     tokenizer,
-) -> tuple[dict[str, np.ndarray], Counter]:
+) -> dict[str, np.ndarray]:
     """The prepared rows of a task: partition after partition, each partition's rows from
-    ``task.first_row`` on, in epoch order, with a ``key_hash`` column; and the reasons of replaced rows."""
+    ``task.first_row`` on, in epoch order, with the ``BOOKKEEPING`` columns: the row's key hash, and for a
+    replaced row the reason (an index into ``SKIP_REASONS``; -1 for a row that is itself)."""
     positions = np.concatenate([order.positions(p, task.start, task.stop) for p in task.partitions])
     columns = read_rows(source, storage_cfg, *order.locate(positions))
     prepared, reasons = prepare_columns(
@@ -167,8 +178,9 @@ def read_task(
     wanted = np.concatenate(
         [np.arange(i * size + task.first_row, (i + 1) * size) for i in range(len(task.partitions))]
     )
-    skipped = Counter(reasons[i] for i in wanted if reasons[i])
-    return {name: values[use[wanted]] for name, values in prepared.items()}, skipped
+    out = {name: values[use[wanted]] for name, values in prepared.items()}
+    out["skip_reason"] = np.array([SKIP_REASONS.index(r) if r else -1 for r in reasons], np.int8)[wanted]
+    return out
 
 
 def micro_batches(
@@ -191,18 +203,22 @@ def micro_batches(
             yield batch, {k: np.concatenate([parts[p][k] for p in partitions]) for k in rows}
 
 
-def _read_tasks(batch: dict[str, np.ndarray], tasks, order, source, storage_cfg, params, tokenizer, counter):
-    """The ``map_batches`` function of an epoch: task index -> its prepared rows (replacements counted)."""
+def _read_tasks(batch: dict[str, np.ndarray], tasks, orders, source, storage_cfg, params, tokenizer):
+    """The ``map_batches`` function: task index -> its prepared rows."""
     (index,) = batch["task"]
-    rows, skipped = read_task(tasks[index], order, source, storage_cfg, params, tokenizer)
-    if skipped and counter is not None:
-        counter.add.remote({f"{source.kind}/{reason}": n for reason, n in skipped.items()})
+    epoch, task = tasks[index]
+    rows = read_task(task, orders[epoch], source, storage_cfg, params, tokenizer)
     return {**rows, "task": np.full(len(rows["key_hash"]), index)}
 
 
+TASKS_PER_DATASET = (
+    64  # a small epoch shares its Ray Data dataset with the next ones: each costs CPU to start
+)
+
+
 class KindReader:
-    """A rank's batches of one kind, epoch after epoch, from a data position on: each epoch one Ray Data
-    dataset of read tasks (``tasks_for``) run in parallel, its results consumed in order."""
+    """A rank's batches of one kind, epoch after epoch, from a data position on: Ray Data datasets of read
+    tasks (``tasks_for``; one epoch each, or several small ones) run in parallel, consumed in order."""
 
     def __init__(self, spec, kind: str, rank: int, world: int, prefetch_blocks: int = 2):
         self.spec, self.source = spec, spec.layout.sources[kind]
@@ -210,53 +226,62 @@ class KindReader:
         self.prefetch_blocks = prefetch_blocks
 
     def order(self, epoch: int) -> EpochOrder:
-        return self.spec.layout.order(self.source.kind, epoch)
-
-    def epochs(self, epoch: int, first_batch: int) -> Iterator[tuple[int, int, dict[str, np.ndarray]]]:
-        """(epoch, global batch index, the rank's rows) from batch ``first_batch`` of ``epoch`` on."""
-        while True:
-            for batch, rows in self.epoch(epoch, first_batch):
-                yield epoch, batch, rows
-            epoch, first_batch = epoch + 1, 0
-
-    def epoch(self, epoch: int, first_batch: int = 0) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
-        """(global batch index, the rank's rows) of one epoch from batch ``first_batch`` to its end."""
-        order = self.order(epoch)
+        order = self.spec.layout.order(self.source.kind, epoch)
         if order.batches == 0:
             raise RuntimeError(
                 f"the {self.source.kind} train dataset {self.source.uri} has {sum(self.source.rows)} "
                 f"rows, too few for one global batch of {order.global_rows} rows in "
                 f"{order.partitions} partition(s) (fewer workers or a smaller data.batch_size)"
             )
-        if first_batch < order.batches:
-            yield from micro_batches(self._results(order, first_batch), order, self._partitions(order))
+        return order
 
-    def _partitions(self, order: EpochOrder) -> range:
-        return order.partitions_of(self.rank, self.world)
+    def epochs(self, epoch: int, first_batch: int) -> Iterator[tuple[int, int, dict[str, np.ndarray]]]:
+        """(epoch, global batch index, the rank's rows) from batch ``first_batch`` of ``epoch`` on."""
+        order = self.order(epoch)
+        per_epoch = len(tasks_for(order, order.partitions_of(self.rank, self.world), 0, ROWS_PER_TASK))
+        span = -(-TASKS_PER_DATASET // per_epoch)
+        while True:
+            yield from self._read(range(epoch, epoch + span), first_batch)
+            epoch, first_batch = epoch + span, 0
 
-    def _results(
-        self, order: EpochOrder, first_batch: int
-    ) -> Iterator[tuple[ReadTask, dict[str, np.ndarray]]]:
+    def epoch(self, epoch: int, first_batch: int = 0) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
+        """(global batch index, the rank's rows) of one epoch from batch ``first_batch`` to its end."""
+        for _, batch, rows in self._read(range(epoch, epoch + 1), first_batch):
+            yield batch, rows
+
+    def _read(self, epochs: range, first_batch: int) -> Iterator[tuple[int, int, dict[str, np.ndarray]]]:
         import ray.data
 
-        tasks = tasks_for(order, self._partitions(order), first_batch, ROWS_PER_TASK)
+        orders = {e: self.order(e) for e in epochs}
+        partitions = orders[epochs[0]].partitions_of(self.rank, self.world)
+        tasks = [
+            (e, task)
+            for e in epochs
+            for task in tasks_for(orders[e], partitions, first_batch if e == epochs[0] else 0, ROWS_PER_TASK)
+        ]
+        if not tasks:  # a resume at the very end of an epoch
+            return
         ds = ray.data.from_items([{"task": i} for i in range(len(tasks))], override_num_blocks=len(tasks))
         ds = ds.map_batches(
             _read_tasks,
             fn_kwargs=dict(
                 tasks=tasks,
-                order=order,
+                orders=orders,
                 source=self.source,
                 storage_cfg=self.spec.storage,
                 params=self.spec.params,
                 tokenizer=self.spec.tokenizer,
-                counter=self.spec.skip_counter,
             ),
             batch_size=1,
             batch_format="numpy",
         )
-        ds.context.execution_options.preserve_order = True  # the epoch's order is the tasks' order
-        for block in ds.iter_batches(
-            batch_size=None, batch_format="numpy", prefetch_batches=self.prefetch_blocks
-        ):
-            yield tasks[int(block["task"][0])], {k: v for k, v in block.items() if k != "task"}
+        ds.context.execution_options.preserve_order = True  # the epochs' order is the tasks' order
+        blocks = ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=self.prefetch_blocks)
+        results = (
+            (tasks[int(block["task"][0])], {k: v for k, v in block.items() if k != "task"})
+            for block in blocks
+        )
+        for epoch, group in itertools.groupby(results, key=lambda result: result[0][0]):
+            per_task = ((task, rows) for (_, task), rows in group)
+            for batch, rows in micro_batches(per_task, orders[epoch], partitions):
+                yield epoch, batch, rows

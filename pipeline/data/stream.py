@@ -28,7 +28,7 @@ import numpy as np
 
 from pipeline.data.datasets import StreamSpec
 from pipeline.data.mixing import KindSampler
-from pipeline.data.reader import KEY_HASH_BITS, KindReader, keys_digest
+from pipeline.data.reader import BOOKKEEPING, KEY_HASH_BITS, KindReader, keys_digest, skipped
 from pipeline.data.transforms import augment_batch, batch_rng
 
 log = logging.getLogger(__name__)
@@ -152,6 +152,9 @@ class MixedStream:
         self._wait_s += waited - start
         self._position[kind] = (epoch, batch_index + 1)
         self._digest = (self._digest + keys_digest(rows["key_hash"])) % (1 << KEY_HASH_BITS)
+        replaced = skipped(rows)
+        if replaced and self.spec.skip_counter is not None:  # rows trained, counted once over all ranks
+            self.spec.skip_counter.add.remote({f"{kind}/{reason}": n for reason, n in replaced.items()})
         self._batches[kind] += 1
         self._samples[kind] += self.batch_rows
         return batch
@@ -163,7 +166,7 @@ class MixedStream:
         g = order.rows_per_partition_batch
         parts = []
         for i, partition in enumerate(order.partitions_of(self.rank, self.world)):
-            share = {k: v[i * g : (i + 1) * g] for k, v in rows.items() if k != "key_hash"}
+            share = {k: v[i * g : (i + 1) * g] for k, v in rows.items() if k not in BOOKKEEPING}
             rng = batch_rng(
                 self.spec.layout.seed,
                 AUGMENT,
@@ -262,7 +265,7 @@ class ChangedDataError(RuntimeError):
 
 
 def skipped_rows(spec: StreamSpec, timeout_s: float = 10.0) -> dict[str, int]:
-    """Rows the prepare tasks dropped so far, by "kind/reason"; empty (with a warning) if unreachable."""
+    """Rows replaced in the batches trained so far, by "kind/reason"; empty (with a warning) if unreachable."""
     if spec.skip_counter is None:
         return {}
     import ray

@@ -227,6 +227,9 @@ def itm_sources(input_ids: np.ndarray, fraction: float, rng) -> np.ndarray:
 # ------------------------------------------------------------------------------------- the two stages
 
 
+SKIP_REASONS = ("image_size_mismatch", "undecodable_image", "codes_out_of_range", "empty_text")
+
+
 def prepare_columns(
     kind: str, columns: dict[str, object], params: TransformParams, tokenizer: Tokenize | None
 ) -> tuple[dict[str, np.ndarray], list[str | None]]:
