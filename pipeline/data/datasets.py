@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 @ray.remote(num_cpus=0)
 class SkipCounter:
-    """Rows replaced by the read tasks, by kind and reason (tasks are many, short-lived processes)."""
+    """Rows replaced in trained batches, by kind and reason, summed over the ranks."""
 
     def __init__(self):
         self._counts: Counter = Counter()

@@ -265,7 +265,7 @@ class ChangedDataError(RuntimeError):
 
 
 def skipped_rows(spec: StreamSpec, timeout_s: float = 10.0) -> dict[str, int]:
-    """Rows replaced in the batches trained so far, by "kind/reason"; empty (with a warning) if unreachable."""
+    """Rows replaced in the batches trained so far, by "kind/reason"; empty if unreachable (warned)."""
     if spec.skip_counter is None:
         return {}
     import ray
