@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import time
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
+from ray.data._internal.execution.execution_callback import ExecutionCallback
 
 from pipeline import storage
 from pipeline.config import KINDS, StorageConfig
@@ -277,6 +279,8 @@ class KindReader:
             batch_format="numpy",
         )
         ds.context.execution_options.preserve_order = True  # the epochs' order is the tasks' order
+        if _IdleBackoff not in ds.context.custom_execution_callback_classes:
+            ds.context.custom_execution_callback_classes.append(_IdleBackoff)
         blocks = ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=self.prefetch_blocks)
         results = (
             (tasks[int(block["task"][0])], {k: v for k, v in block.items() if k != "task"})
@@ -286,6 +290,19 @@ class KindReader:
             per_task = ((task, rows) for (_, task), rows in group)
             for batch, rows in micro_batches(per_task, orders[epoch], partitions):
                 yield epoch, batch, rows
+
+
+class _IdleBackoff(ExecutionCallback):
+    """A Ray Data execution callback: a loop step with no task running (the output is backpressured: the
+    trainer has its read-ahead) sleeps a little. Ray Data's scheduling loop only waits on running tasks, so
+    a dataset whose consumer is ahead spins a CPU core; on a training node that core is the trainer's."""
+
+    IDLE_SLEEP_S = 0.02
+
+    def on_execution_step(self, executor) -> None:
+        topology = getattr(executor, "_topology", None) or {}
+        if not any(op.num_active_tasks() for op in topology):
+            time.sleep(self.IDLE_SLEEP_S)
 
 
 @ray.remote(num_cpus=0, concurrency_groups={kind: 1 for kind in KINDS})
