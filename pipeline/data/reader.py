@@ -297,7 +297,7 @@ class _IdleBackoff(ExecutionCallback):
     trainer has its read-ahead) sleeps a little. Ray Data's scheduling loop only waits on running tasks, so
     a dataset whose consumer is ahead spins a CPU core; on a training node that core is the trainer's."""
 
-    IDLE_SLEEP_S = 0.02
+    IDLE_SLEEP_S = 0.1  # as long as the loop waits for a running task
 
     def on_execution_step(self, executor) -> None:
         topology = getattr(executor, "_topology", None) or {}
