@@ -279,6 +279,7 @@ class KindReader:
             batch_format="numpy",
         )
         ds.context.execution_options.preserve_order = True  # the epochs' order is the tasks' order
+        ds.context.enable_progress_bars = False  # an actor's bars only fill the job log (and cost CPU)
         if _IdleBackoff not in ds.context.custom_execution_callback_classes:
             ds.context.custom_execution_callback_classes.append(_IdleBackoff)
         blocks = ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=self.prefetch_blocks)
