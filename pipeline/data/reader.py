@@ -25,11 +25,10 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import ray
 from ray.data._internal.execution.execution_callback import ExecutionCallback
 
 from pipeline import storage
-from pipeline.config import KINDS, StorageConfig
+from pipeline.config import StorageConfig
 from pipeline.data.order import EpochOrder, KindSource
 from pipeline.data.transforms import SKIP_REASONS, TransformParams, prepare_columns
 
@@ -304,34 +303,3 @@ class _IdleBackoff(ExecutionCallback):
         topology = getattr(executor, "_topology", None) or {}
         if not any(op.num_active_tasks() for op in topology):
             time.sleep(self.IDLE_SLEEP_S)
-
-
-@ray.remote(num_cpus=0, concurrency_groups={kind: 1 for kind in KINDS})
-class _RankReader:
-    """A rank's kind readers, out of the training process: Ray Data's executors (one per kind, each a busy
-    scheduling thread) would otherwise contend with the training step for the worker's interpreter."""
-
-    def __init__(self):
-        self._epochs: dict[str, Iterator] = {}
-
-    def start(self, reader: KindReader, epoch: int, first_batch: int) -> None:
-        self._epochs[reader.source.kind] = reader.epochs(epoch, first_batch)
-
-    def next(self, kind: str):
-        return next(self._epochs[kind])
-
-
-def remote_epochs(actor, reader: KindReader, epoch: int, first_batch: int) -> Iterator:
-    """``reader.epochs(epoch, first_batch)`` run by ``actor`` (a ``rank_reader()``), one batch per call."""
-    kind = reader.source.kind
-    ray.get(actor.start.options(concurrency_group=kind).remote(reader, epoch, first_batch))
-    while True:
-        yield ray.get(actor.next.options(concurrency_group=kind).remote(kind))
-
-
-def rank_reader():
-    """The actor that reads a rank's batches, on the rank's node."""
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-    return _RankReader.options(scheduling_strategy=here).remote()

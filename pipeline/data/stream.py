@@ -33,8 +33,6 @@ from pipeline.data.reader import (
     KEY_HASH_BITS,
     KindReader,
     keys_digest,
-    rank_reader,
-    remote_epochs,
     skipped,
 )
 from pipeline.data.transforms import augment_batch, batch_rng
@@ -128,7 +126,6 @@ class MixedStream:
         self._sampler = KindSampler(spec.ratios, spec.layout.seed)
         self._kind_readers = {kind: KindReader(spec, kind, rank, world) for kind in spec.kinds}
         self._readers: dict[str, ReadAhead | None] = dict.fromkeys(spec.kinds)
-        self._rank_reader = None  # the actor that runs the kind readers (``reader.rank_reader``)
         self._position = {kind: (0, 0) for kind in spec.kinds}  # (epoch, next global batch) handed out
         self._samples: Counter = Counter()
         self._batches: Counter = Counter()
@@ -191,10 +188,8 @@ class MixedStream:
         reader = self._readers[kind]
         if reader is None:
             source = self.spec.layout.sources[kind]
-            if self._rank_reader is None:
-                self._rank_reader = rank_reader()
             reader = self._readers[kind] = ReadAhead(
-                remote_epochs(self._rank_reader, self._kind_readers[kind], *self._position[kind]),
+                self._kind_readers[kind].epochs(*self._position[kind]),
                 self.spec.read_ahead,
                 self.spec.stall_timeout_s,
                 f"the {kind} dataset {source.uri}",
@@ -212,10 +207,6 @@ class MixedStream:
         for reader in self._readers.values():
             if reader is not None:
                 reader.close()
-        if self._rank_reader is not None:
-            import ray
-
-            ray.kill(self._rank_reader)
 
     def state_dict(self) -> dict:
         """The kind sequence, and per kind the data position and the identity of the data it is in."""
