@@ -276,8 +276,11 @@ class TuneConfig:
 
     kinds: list[Kind] = field(default_factory=list)  # kinds on the simplex; empty: every kind in data.train
     num_samples: int = 8  # random: Dirichlet draws; grid: repeats of the whole grid
-    search: Literal["random", "grid"] = "random"
-    dirichlet_alpha: float = 1.0
+    search: Literal["random", "grid", "regmix"] = "random"
+    dirichlet_alpha: float = 1.0  # random: the symmetric Dirichlet's alpha
+    # regmix: Dirichlet(c x natural share), c log-uniform over [min, max] (corners to near-natural)
+    regmix_concentration_min: float = 0.3
+    regmix_concentration_max: float = 30.0
     grid_steps: int = 3  # grid: weights are multiples of 1/grid_steps
     lr_choices: list[float] = field(default_factory=list)  # empty: keep train.lr
     seed: int = 0
@@ -295,7 +298,9 @@ class TuneConfig:
         c.at_least(1, "num_samples", "grid_steps", "grace_period")
         c.at_least(2, "reduction_factor")
         c.at_least(0, "max_concurrent_trials", "workers_per_trial", "data_cpus_per_trial", "max_failures")
-        c.positive("dirichlet_alpha")
+        c.positive("dirichlet_alpha", "regmix_concentration_min", "regmix_concentration_max")
+        if self.regmix_concentration_max < self.regmix_concentration_min:
+            c.fail("regmix_concentration_max", "must be >= tune.regmix_concentration_min")
         if len(set(self.kinds)) != len(self.kinds):
             c.fail("kinds", "a kind is listed twice")
         if any(not lr > 0 for lr in self.lr_choices):
