@@ -108,7 +108,8 @@ def read_rows(
         before = np.concatenate([[0], np.cumsum(sizes[groups])])  # rows read before each group
         index[wanted] = read + before[np.searchsorted(groups, group_of)] + rows[wanted] - starts[group_of]
         read += tables[-1].num_rows
-    return table_columns(pa.concat_tables(tables).take(pa.array(index)))
+    # shards written apart may differ in nullability (a shard with a null image): unify, not refuse
+    return table_columns(pa.concat_tables(tables, promote_options="default").take(pa.array(index)))
 
 
 def table_columns(table: pa.Table | pa.RecordBatch) -> dict[str, object]:
