@@ -24,7 +24,10 @@ KINDS = ("image_text", "image", "text")
 Kind = Literal["image_text", "image", "text"]
 PRESET_NAMES = ("tiny", "small", "base", "large")  # model.presets.PRESETS (a test keeps them equal)
 # keys that were renamed: naming the new key beats "unknown key"
-RENAMED = {"train.bf16": "train.precision (fp32 | bf16)"}
+RENAMED = {
+    "train.bf16": "train.precision (fp32 | bf16)",
+    "data.shuffle_buffer": "data.shuffle_window (rows of a data partition shuffled together)",
+}
 
 
 class ConfigError(ValueError):
@@ -147,10 +150,15 @@ class DataConfig:
     mim_mask_ratio: float = 0.4
     itm_negative_fraction: float = 0.25
     flip_probability: float = 0.5
-    shuffle_buffer: int = 256
+    # rows of each partition of an epoch that are shuffled together (pipeline/data/order.py): windows
+    # hold whole batches, and a worker keeps one window of each of its partitions in memory
+    shuffle_window: int = 256
     read_ahead: int = 4  # batches per kind a worker thread reads ahead, across epoch restarts (0: none)
     stall_timeout_s: float = 600  # a worker waiting longer for a batch fails (storage gone); 0: no limit
     on_corrupt_shard: Literal["error", "skip"] = "error"
+    # a resume whose datasets changed since the checkpoint (shards or checksums differ): error, or start
+    # that kind's epoch afresh over the new data (logged, and recorded in MLflow as a data.restart tag)
+    on_changed_data: Literal["error", "restart_epoch"] = "error"
     verify_checksums: bool = True  # sha256 of every shard before reading (sizes are always checked)
     seed: int = 0
 
@@ -158,7 +166,8 @@ class DataConfig:
         c.at_least(1, "batch_size")
         c.at_least(2, "max_text_length")
         c.at_least(8, "vocab_size")
-        c.at_least(0, "shuffle_buffer", "read_ahead", "stall_timeout_s")
+        c.at_least(1, "shuffle_window")
+        c.at_least(0, "read_ahead", "stall_timeout_s")
         c.fraction("mlm_probability", "mim_mask_ratio", "itm_negative_fraction")
         c.fraction("flip_probability", closed=True)
         unknown = sorted(set(self.ratios) - set(KINDS))
@@ -267,8 +276,11 @@ class TuneConfig:
 
     kinds: list[Kind] = field(default_factory=list)  # kinds on the simplex; empty: every kind in data.train
     num_samples: int = 8  # random: Dirichlet draws; grid: repeats of the whole grid
-    search: Literal["random", "grid"] = "random"
-    dirichlet_alpha: float = 1.0
+    search: Literal["random", "grid", "regmix"] = "random"
+    dirichlet_alpha: float = 1.0  # random: the symmetric Dirichlet's alpha
+    # regmix: Dirichlet(c x natural share), c log-uniform over [min, max] (corners to near-natural)
+    regmix_concentration_min: float = 0.3
+    regmix_concentration_max: float = 30.0
     grid_steps: int = 3  # grid: weights are multiples of 1/grid_steps
     lr_choices: list[float] = field(default_factory=list)  # empty: keep train.lr
     seed: int = 0
@@ -286,7 +298,9 @@ class TuneConfig:
         c.at_least(1, "num_samples", "grid_steps", "grace_period")
         c.at_least(2, "reduction_factor")
         c.at_least(0, "max_concurrent_trials", "workers_per_trial", "data_cpus_per_trial", "max_failures")
-        c.positive("dirichlet_alpha")
+        c.positive("dirichlet_alpha", "regmix_concentration_min", "regmix_concentration_max")
+        if self.regmix_concentration_max < self.regmix_concentration_min:
+            c.fail("regmix_concentration_max", "must be >= tune.regmix_concentration_min")
         if len(set(self.kinds)) != len(self.kinds):
             c.fail("kinds", "a kind is listed twice")
         if any(not lr > 0 for lr in self.lr_choices):

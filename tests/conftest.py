@@ -16,6 +16,8 @@ if str(ROOT) not in sys.path:
 # Dummy credentials for the moto S3 endpoint, set before any Ray worker starts: workers inherit the
 # environment of the raylet, so setting them later (inside a fixture) would not reach them. Forcing
 # them also guarantees that no real AWS credentials are ever used by a test.
+pytest_plugins = ["skip_report"]
+
 os.environ.update(
     {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 )

@@ -126,6 +126,7 @@ def test_the_closed_sets_are_the_expected_ones():
         "prepare.source",
         "prepare.image_format",
         "data.on_corrupt_shard",
+        "data.on_changed_data",
         "model.preset",
         "train.precision",
         "tune.kinds",

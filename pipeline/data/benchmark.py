@@ -2,8 +2,9 @@
 
 - per-core bound: one process reads, prepares, batches and augments (no parallelism, no transfer);
 - torch DataLoader with W worker processes preparing shards, the main process batching and augmenting;
-- Ray Data: ``read_parquet`` + ``map_batches`` on a local cluster of W CPUs, consumed with ``iter_batches``
-  and augmented exactly as the Train worker's ``MixedStream`` does.
+- Ray Data: the training job's own reader (``pipeline.data.reader.KindReader``: read tasks that read,
+  order and prepare the rows of the epoch, run by Ray Data on a local cluster of W CPUs), augmented
+  exactly as the Train worker's ``MixedStream`` does.
 Each path runs one warm-up epoch (worker start-up, imports) and then timed epochs.
 """
 
@@ -22,7 +23,8 @@ import torch.utils.data
 
 from pipeline import storage
 from pipeline.config import Config, StorageConfig, load_config
-from pipeline.data.datasets import PrepareBatch, arrow_columns, transform_params
+from pipeline.data.datasets import build_train_data, transform_params
+from pipeline.data.reader import BOOKKEEPING, KindReader, table_columns
 from pipeline.data.synthetic import write_synthetic_dataset
 from pipeline.data.tokenizer import WordPieceTokenizer, load_or_train_tokenizer, train_tokenizer
 from pipeline.data.transforms import TransformParams, augment_batch, batch_rng, prepare_rows
@@ -31,6 +33,7 @@ from pipeline.shards import format as shard_format
 
 @dataclass
 class Setup:
+    config: Config
     kind: str
     dataset: str
     paths: list[str]
@@ -49,7 +52,8 @@ def make_setup(
         dataset = tempfile.mkdtemp(prefix="flava-bench-")
         write_synthetic_dataset(dataset, kind, rows, max(4, rows // 128), image_size, config.storage)
     manifest = shard_format.read_manifest(dataset, config.storage)
-    config.data.train = {kind: dataset}
+    config.data.train, config.data.val, config.data.ratios = {kind: dataset}, {}, {kind: 1.0}
+    config.train.num_workers, config.train.min_workers = 1, 0  # one consumer: its batch is the global batch
     if kind == "image":  # no captions: the params still want token ids, which image batches never use
         tokenizer = train_tokenizer(iter(["image only"]), 64, config.data.max_text_length)
     else:
@@ -57,6 +61,7 @@ def make_setup(
     params = transform_params(config, tokenizer, manifest.image_size)
     paths = [storage.join(dataset, e.file) for e in manifest.shards]
     return Setup(
+        config,
         kind,
         dataset,
         paths,
@@ -75,7 +80,7 @@ def prepared_chunks(setup: Setup, paths: list[str]) -> Iterator[dict[str, np.nda
         for table_batch in pq.ParquetFile(fs.open_input_file(path)).iter_batches(
             batch_size=setup.prepare_rows
         ):
-            columns = arrow_columns(table_batch, setup.params.num_patches)
+            columns = table_columns(table_batch)
             yield prepare_rows(setup.kind, columns, setup.params, setup.tokenizer)[0]
 
 
@@ -135,31 +140,22 @@ def bench_dataloader(setup: Setup, workers: int):
 def bench_ray(setup: Setup, workers: int):
     import ray
 
-    from pipeline.data.datasets import read_kind
-
     ray.init(
+        address="local",  # its own CPUs, even where a `ray start` cluster is up
         num_cpus=workers,
         include_dashboard=False,
         log_to_driver=False,
         runtime_env={"env_vars": {"PYTHONPATH": os.environ.get("PYTHONPATH", "")}},
     )
     ray.data.DataContext.get_current().enable_progress_bars = False
-    manifest = shard_format.read_manifest(setup.dataset, setup.storage)
-    ds = read_kind(setup.kind, setup.dataset, manifest.shards, setup.storage, shuffle_seed=0).map_batches(
-        PrepareBatch(setup.kind, setup.params, setup.tokenizer),
-        batch_format="pyarrow",
-        batch_size=setup.prepare_rows,
-        zero_copy_batch=True,
-    )
-    split = ds.streaming_split(1, equal=True)[0]  # what a Train worker gets from get_dataset_shard
+    spec = build_train_data(setup.config, setup.tokenizer).spec
+    reader = KindReader(spec, setup.kind, rank=0, world=1)  # what a Train worker reads
 
-    def epoch(e: int) -> int:
-        batches = split.iter_batches(
-            batch_size=setup.batch_size, batch_format="numpy", drop_last=True, prefetch_batches=4
-        )
-        return consume(setup, iter(batches), e)
+    def rows_of(e: int):  # the whole epoch: its dataset ends as it does in training, workers stay warm
+        for _, rows in reader.epoch(e):
+            yield {k: v for k, v in rows.items() if k not in BOOKKEEPING}
 
-    return epoch
+    return lambda e: consume(setup, rows_of(e), e)
 
 
 def run(

@@ -1,32 +1,32 @@
-"""Driver side: verified shards -> one Ray Data dataset per kind, ready for ``TorchTrainer(datasets=...)``.
+"""Driver side: every kind's train shards verified and described for the readers in the Train workers.
 
 Per kind: the manifest's shards are checked (sizes always, sha256 when ``data.verify_checksums``; a bad
-shard is an error or, with ``data.on_corrupt_shard=skip``, a logged and counted skip), read with
-``read_parquet`` in a file order reshuffled every epoch (``FileShuffleConfig`` reseeds per execution,
-and ``streaming_split`` executes the dataset once per epoch), and prepared by ``map_batches``
-(decode, normalise, tokenise; bad rows dropped and counted). The random per-batch augmentation happens
-in the Train worker (``pipeline.data.stream``), so that it is reproducible and checkpointable.
+shard is an error or, with ``data.on_corrupt_shard=skip``, a logged and counted skip). What survives is a
+``KindSource`` (files, rows, identity); each Train worker reads its own rows of it with Ray Data
+(``pipeline.data.reader``) in the order ``pipeline.data.order`` fixes, so that a resumed or resized run
+reads exactly the rows an unfaulted run reads. The random per-batch augmentation happens in the worker
+(``pipeline.data.stream``), seeded by the batch's place in that order.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-import numpy as np
-import pyarrow as pa
+import pyarrow.parquet as pq
 import ray
-import ray.train
-from ray.data import FileShuffleConfig
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pipeline import storage
-from pipeline.config import Config, StorageConfig
-from pipeline.data.mixing import validate_ratios
+from pipeline.config import KINDS, Config, StorageConfig
+from pipeline.data.mixing import KindSampler, validate_ratios
+from pipeline.data.order import DataOrder, KindSource, partitions_for
 from pipeline.data.tokenizer import WordPieceTokenizer
-from pipeline.data.transforms import TransformParams, prepare_rows
+from pipeline.data.transforms import TransformParams
 from pipeline.shards import format as shard_format
 from pipeline.shards.format import Manifest, ShardEntry, ShardIntegrityError
 
@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 @ray.remote(num_cpus=0)
 class SkipCounter:
-    """Rows dropped by the prepare tasks, by kind and reason (tasks are many, short-lived processes)."""
+    """Rows replaced in trained batches, by kind and reason, summed over the ranks."""
 
     def __init__(self):
         self._counts: Counter = Counter()
@@ -52,19 +52,15 @@ class StreamSpec:
     """What a Train worker needs to build its ``MixedStream`` (pass it in ``train_loop_config``)."""
 
     ratios: dict[str, float]  # normalised, kinds with ratio > 0 in KINDS order = the fetch order
-    dataset_names: dict[str, str]  # kind -> name in TorchTrainer(datasets=...)
-    batch_size: int  # rows per rank at the full world size (data.batch_size)
-    shuffle_buffer: int
-    seed: int
+    layout: DataOrder  # which rows form every global batch of every kind
     params: TransformParams
-    tokenizer: WordPieceTokenizer  # for validation and the preview (decoding tokens)
+    tokenizer: WordPieceTokenizer
+    storage: StorageConfig
+    on_changed_data: str = "error"  # data.on_changed_data
     skip_counter: ray.actor.ActorHandle | None = None
     corrupt_shards: dict[str, int] = field(default_factory=dict)  # kind -> shards skipped before reading
-    prefetch_batches: int = 2
     read_ahead: int = 4  # batches per kind queued by the worker's reader thread (data.read_ahead)
     stall_timeout_s: float = 600  # data.stall_timeout_s
-    sources: dict[str, str] = field(default_factory=dict)  # kind -> dataset URI, for error messages
-    full_world: int = 1  # train.num_workers: the global batch is batch_size x full_world rows
 
     @property
     def kinds(self) -> tuple[str, ...]:
@@ -73,18 +69,14 @@ class StreamSpec:
     def rows_per_rank(self, world_size: int) -> int:
         """A rank's share of the global batch when ``world_size`` ranks train (an elastic run's world size
         divides it: ``pipeline.train.launch.check_world_sizes``)."""
-        rows, rest = divmod(self.batch_size * self.full_world, world_size)
+        rows, rest = divmod(self.layout.global_rows, world_size)
         if rest:
-            raise ValueError(
-                f"{world_size} ranks cannot split a global batch of {self.batch_size * self.full_world}"
-            )
+            raise ValueError(f"{world_size} ranks cannot split a global batch of {self.layout.global_rows}")
         return rows
 
 
 @dataclass
 class TrainData:
-    datasets: dict[str, ray.data.Dataset]  # -> TorchTrainer(datasets=...)
-    data_config: ray.train.DataConfig  # -> TorchTrainer(dataset_config=...)
     spec: StreamSpec  # -> train_loop_config, then MixedStream(spec) in the worker
     manifests: dict[str, Manifest]
     skipped_shards: dict[str, list[str]] = field(default_factory=dict)  # kind -> "file: reason"
@@ -152,86 +144,90 @@ def image_size_of(manifests: dict[str, Manifest]) -> int:
     return next(iter(sizes.values()), 0)
 
 
-class PrepareBatch:
-    """The ``map_batches`` function: Arrow rows -> prepared numpy rows, dropping and counting bad ones."""
-
-    def __init__(self, kind: str, params: TransformParams, tokenizer, counter=None):
-        self.kind, self.params, self.tokenizer, self.counter = kind, params, tokenizer, counter
-
-    def __call__(self, table: pa.Table) -> dict[str, np.ndarray]:
-        rows, skipped = prepare_rows(
-            self.kind, arrow_columns(table, self.params.num_patches), self.params, self.tokenizer
-        )
-        if skipped and self.counter is not None:
-            self.counter.add.remote({f"{self.kind}/{reason}": n for reason, n in skipped.items()})
-        return rows
+def kind_source(kind: str, uri: str, shards: list[ShardEntry]) -> KindSource:
+    """The readers' view of a verified dataset; its identity covers exactly the shards that will be read."""
+    listed = [{"file": e.file, "rows": e.rows, "sha256": e.sha256} for e in shards]
+    identity = hashlib.sha256(json.dumps([uri, listed], sort_keys=True).encode()).hexdigest()[:16]
+    return KindSource(
+        kind, KINDS.index(kind), uri, tuple(e.file for e in shards), tuple(e.rows for e in shards), identity
+    )
 
 
-def arrow_columns(table: pa.Table | pa.RecordBatch, num_patches: int) -> dict[str, object]:
-    """Shard columns as the transforms take them; the codes are a zero-copy reshape of the list values."""
-    out: dict[str, object] = {}
-    for name in ("image", "dvae_codes", "dvae_codes_flipped", "text"):
-        if name not in table.column_names:
-            continue
-        column = table.column(name)
-        if isinstance(column, pa.ChunkedArray):
-            column = column.combine_chunks()
-        if name.startswith("dvae_codes"):
-            out[name] = column.flatten().to_numpy().reshape(len(table), num_patches)
-        else:
-            out[name] = column.to_pylist()
+def read_keys(source: KindSource, storage_cfg: StorageConfig) -> list[list[str]]:
+    """Every row key of the source, per shard (only the ``key`` column is read)."""
+    out = []
+    for name in source.files:
+        fs, path = storage.resolve(storage.join(source.uri, name), storage_cfg)
+        with fs.open_input_file(path) as f:
+            out.append(pq.read_table(f, columns=["key"]).column("key").to_pylist())
     return out
 
 
-def read_kind(
-    kind: str, dataset: str, entries: list[ShardEntry], storage_cfg: StorageConfig, shuffle_seed: int | None
-) -> ray.data.Dataset:
-    """``read_parquet`` of the verified shards, one read task per shard; ``shuffle_seed`` None keeps the
-    manifest order.
+@dataclass
+class StepRows:
+    """What step ``step`` (1-based) of a run trains: its kind and, per micro-batch, the global batch
+    (epoch, index) and the row keys."""
 
-    Uses Ray's V1 Parquet datasource: V2 bin-packs row groups into 128 MiB of *encoded* bytes per read
-    task, which for compressed images means one task for the whole dataset (no parallel decode), and it
-    lists files and reads footers in extra tasks at the start of every epoch.
-    """
-    fs, root = storage.resolve(dataset, storage_cfg)
-    shuffle = (
-        None if shuffle_seed is None else FileShuffleConfig(seed=shuffle_seed, reseed_after_execution=True)
-    )
-    ctx = ray.data.DataContext.get_current()
-    use_v2, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
-    try:
-        return ray.data.read_parquet(
-            [f"{root}/{e.file}" for e in entries],
-            filesystem=fs,
-            shuffle=shuffle,
-            partitioning=None,
-            override_num_blocks=len(entries),
+    step: int
+    kind: str
+    batches: list[tuple[int, int]]
+    keys: list[list[str]]
+
+
+def step_rows(config: Config, layout: DataOrder, first: int, count: int) -> list[StepRows]:
+    """The rows of steps ``first..first+count-1`` of a run of ``config``: a pure function of the config and
+    the shards (the kind sequence, then each kind's order), whatever the world size or restarts. Reads only
+    the ``key`` column of the kinds involved."""
+    ratios = validate_ratios(config.data.ratios, [k for k, v in config.data.train.items() if v])
+    sampler = KindSampler(ratios, config.data.seed)
+    accum = config.train.grad_accum
+    kinds = [next(sampler) for _ in range(first + count - 1)]
+    keys = {kind: read_keys(layout.sources[kind], config.storage) for kind in set(kinds[first - 1 :])}
+    out = []
+    for step in range(first, first + count):
+        kind = kinds[step - 1]
+        before = kinds[: step - 1].count(kind) * accum  # global batches of the kind trained before
+        batches = layout.batches(kind, 0, before, accum)  # epoch 0 from the start: epochs roll over
+        rows = [layout.order(kind, e).rows_of_batch(b) for e, b in batches]
+        out.append(
+            StepRows(
+                step, kind, batches, [[keys[kind][s][r] for s, r in zip(*sr, strict=True)] for sr in rows]
+            )
         )
-    finally:
-        ctx.use_datasource_v2 = use_v2
+    return out
 
 
-def build_train_data(
-    config: Config, tokenizer: WordPieceTokenizer, seed: int | None = None, prepare_batch_rows: int = 64
-) -> TrainData:
-    """Verifies and opens the train datasets of the kinds with ratio > 0 (needs ``ray.init`` done).
-
-    ``seed`` (default ``data.seed``) seeds the file order of the first epoch; a resumed run can pass a
-    different one so that it does not replay the first run's file order.
-    """
+def data_order(config: Config) -> tuple[DataOrder, dict[str, Manifest], dict[str, list[str]]]:
+    """The train datasets of the kinds with ratio > 0, verified (``check_shards``), as the run orders them:
+    (the order, the manifests, per kind the shards left out as "file: reason"). Needs no Ray."""
     data = config.data
     ratios = validate_ratios(data.ratios, [k for k, v in data.train.items() if v])
-    seed = data.seed if seed is None else seed
-    manifests, entries, skipped_shards = {}, {}, {}
+    manifests, sources, skipped_shards = {}, {}, {}
     for kind in ratios:
         manifest, good, bad = check_shards(
             data.train[kind], config.storage, data.verify_checksums, data.on_corrupt_shard
         )
         if manifest.kind != kind:
             raise ValueError(f"data.train.{kind}: {data.train[kind]} holds a {manifest.kind!r} dataset")
-        manifests[kind], entries[kind] = manifest, good
+        manifests[kind] = manifest
+        sources[kind] = kind_source(kind, data.train[kind], good)
         if bad:
             skipped_shards[kind] = bad
+    layout = DataOrder(
+        sources,
+        global_rows=data.batch_size * config.train.num_workers,
+        partitions=partitions_for(*config.train.worker_range),
+        shuffle_window=data.shuffle_window,
+        seed=data.seed,
+    )
+    return layout, manifests, skipped_shards
+
+
+def build_train_data(config: Config, tokenizer: WordPieceTokenizer) -> TrainData:
+    """``data_order`` plus what the workers need to read and prepare the rows (needs ``ray.init`` done: the
+    skip counter is an actor, placed on the driver's node so that it outlives any worker node)."""
+    data = config.data
+    layout, manifests, skipped_shards = data_order(config)
     # validation decodes images even when no image kind is trained (a text-only mix in a sweep)
     held_out = {
         f"val.{kind}": shard_format.read_manifest(uri, config.storage)
@@ -239,36 +235,20 @@ def build_train_data(
         if uri and kind != "text"
     }
     params = transform_params(config, tokenizer, image_size_of({**manifests, **held_out}))
-    # on the driver's node: a counter on a worker node would take the counts with it when that node goes
     here = ray.get_runtime_context().get_node_id()
     counter = SkipCounter.options(
         scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)
     ).remote()
-    datasets, names = {}, {}
-    for i, kind in enumerate(ratios):
-        names[kind] = f"train_{kind}"
-        ds = read_kind(kind, data.train[kind], entries[kind], config.storage, shuffle_seed=seed * 1000 + i)
-        datasets[names[kind]] = ds.map_batches(
-            PrepareBatch(kind, params, tokenizer if kind != "image" else None, counter),
-            batch_format="pyarrow",
-            batch_size=prepare_batch_rows,
-            zero_copy_batch=True,
-        )
     spec = StreamSpec(
-        ratios=ratios,
-        dataset_names=names,
-        batch_size=data.batch_size,
-        full_world=config.train.num_workers,
-        shuffle_buffer=data.shuffle_buffer,
-        seed=data.seed,
+        ratios=validate_ratios(data.ratios, [k for k, v in data.train.items() if v]),
+        layout=layout,
         params=params,
         tokenizer=tokenizer,
+        storage=config.storage,
+        on_changed_data=data.on_changed_data,
         skip_counter=counter,
         corrupt_shards={kind: len(bad) for kind, bad in skipped_shards.items()},
         read_ahead=data.read_ahead,
         stall_timeout_s=data.stall_timeout_s,
-        sources={kind: data.train[kind] for kind in ratios},
     )
-    # every dataset is split with streaming_split(equal=True): equal rows per rank, so with drop_last all
-    # ranks run out of a kind at the same step and restart its epoch together
-    return TrainData(datasets, ray.train.DataConfig(datasets_to_split="all"), spec, manifests, skipped_shards)
+    return TrainData(spec, manifests, skipped_shards)

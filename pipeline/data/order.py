@@ -21,7 +21,7 @@ in the same order. ``partitions`` is the least common multiple of the world size
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import numpy as np
@@ -42,7 +42,7 @@ class EpochOrder:
     shard_rows: tuple[int, ...]
     global_rows: int  # rows of a global (micro-)batch
     partitions: int
-    window: int
+    shuffle_window: int  # rows of a partition shuffled together, rounded up to whole batches (``window``)
     seed: int
     kind_index: int
     epoch: int
@@ -52,6 +52,13 @@ class EpochOrder:
             raise ValueError(
                 f"{self.partitions} partitions cannot split a global batch of {self.global_rows}"
             )
+
+    @property
+    def window(self) -> int:
+        """Rows of a partition shuffled together: ``shuffle_window`` rounded up to whole batches, so that
+        no batch straddles two windows."""
+        g = self.rows_per_partition_batch
+        return -(-self.shuffle_window // g) * g
 
     @property
     def rows_per_partition_batch(self) -> int:
@@ -113,3 +120,53 @@ class EpochOrder:
         parts = range(self.partitions) if partitions is None else partitions
         positions = np.concatenate([self.positions(p, batch * g, (batch + 1) * g) for p in parts])
         return self.locate(positions)
+
+
+@dataclass(frozen=True)
+class KindSource:
+    """One kind's train dataset as the order needs it (its shards verified on the driver)."""
+
+    kind: str
+    kind_index: int
+    uri: str
+    files: tuple[str, ...]  # the usable shards, in manifest order
+    rows: tuple[int, ...]
+    identity: str  # fingerprint of exactly these shards: a resume into other data is refused
+
+
+@dataclass(frozen=True)
+class DataOrder:
+    """The order of every kind's rows in a run: its sources and the settings ``EpochOrder`` takes."""
+
+    sources: dict[str, KindSource] = field(hash=False)
+    global_rows: int  # data.batch_size x train.num_workers
+    partitions: int  # partitions_for(train.min_workers..train.num_workers)
+    shuffle_window: int
+    seed: int
+
+    def order(self, kind: str, epoch: int) -> EpochOrder:
+        source = self.sources[kind]
+        return EpochOrder(
+            source.rows,
+            self.global_rows,
+            self.partitions,
+            self.shuffle_window,
+            self.seed,
+            source.kind_index,
+            epoch,
+        )
+
+    def batches(self, kind: str, epoch: int, first: int, count: int) -> list[tuple[int, int]]:
+        """(epoch, batch) of ``count`` global batches from batch ``first`` of ``epoch`` on (``first`` may
+        count past the epoch's end), into the next epochs as they end."""
+        out = []
+        while len(out) < count:
+            total = self.order(kind, epoch).batches
+            if total == 0:
+                raise ValueError(f"the {kind} data holds no full global batch of {self.global_rows} rows")
+            if first >= total:  # ``first`` counts on through the epochs
+                epoch, first = epoch + 1, first - total
+                continue
+            out += [(epoch, b) for b in range(first, min(total, first + count - len(out)))]
+            epoch, first = epoch + 1, 0
+        return out

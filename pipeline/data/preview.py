@@ -29,8 +29,7 @@ def collect_batches(config: Config, tokenizer: WordPieceTokenizer, per_kind: int
     from pipeline.data.stream import MixedStream
 
     data = build_train_data(config, tokenizer)
-    shards = {kind: data.datasets[name].iterator() for kind, name in data.spec.dataset_names.items()}
-    stream = MixedStream(data.spec, shards)
+    stream = MixedStream(data.spec, rank=0, world=config.train.num_workers)  # what rank 0 of the run reads
     got: dict[str, list[dict]] = defaultdict(list)
     try:
         for kind in data.spec.kinds:  # by kind, not by ratio, so rare kinds show up too

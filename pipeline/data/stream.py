@@ -2,14 +2,17 @@
 
 Why every rank agrees without talking to the others:
 - the kind of each step comes from a ``KindSampler`` seeded with ``data.seed`` on every rank;
-- every kind is split by ``streaming_split(equal=True)`` (the default ``DataConfig``), so every rank gets
-  the same number of rows of a kind per epoch, and batches are cut with ``drop_last``: all ranks run
-  out of a kind at the same step and start its next epoch together (``start_epoch`` is itself a barrier);
-- ``get_dataset_shard`` (a barrier) is called for the kinds in the same fixed order on every rank.
+- which rows form global batch ``b`` of epoch ``e`` of a kind is a pure function of the seed, the kind,
+  ``e``, ``b`` and the shards (``pipeline.data.order``), and a rank's batch is its fixed slice of it
+  (``pipeline.data.reader``): every rank is at the same batch of a kind at the same step, an epoch has the
+  same number of batches everywhere, and none of it depends on the world size or on earlier restarts;
+- the augmentation (flips, masks, ITM negatives) of each partition's share of a batch is seeded by the
+  batch's place in that order, so it does not depend on the world size either.
 
-Each kind is read ahead by a thread (``ReadAhead``) that starts the kind's next epoch as soon as it has
-pulled the last batch of the current one, so that an epoch restart (a new Ray Data execution behind the
-split's barrier) overlaps the training of the batches still queued instead of stalling a step.
+The data position (per kind: epoch, next batch) is part of the checkpoint: a resumed or resized run reads
+exactly the rest of the interrupted epoch, nothing twice and nothing skipped. Each kind is read ahead by a
+thread (``ReadAhead``) across epoch boundaries, so that a new epoch's reading overlaps the training of the
+batches still queued.
 """
 
 from __future__ import annotations
@@ -25,6 +28,13 @@ import numpy as np
 
 from pipeline.data.datasets import StreamSpec
 from pipeline.data.mixing import KindSampler
+from pipeline.data.reader import (
+    BOOKKEEPING,
+    KEY_HASH_BITS,
+    KindReader,
+    keys_digest,
+    skipped,
+)
 from pipeline.data.transforms import augment_batch, batch_rng
 
 log = logging.getLogger(__name__)
@@ -36,13 +46,13 @@ class DataStallError(RuntimeError):
 
 
 class ReadAhead:
-    """Items of ``source`` (a kind's ``(epoch, rows)``), pulled by a daemon thread up to ``depth`` ahead,
-    so that the kind's next epoch starts while queued batches still train; a source error is raised where
-    the item is taken. ``depth`` 0 pulls in the caller's thread (no read-ahead, no stall timeout).
+    """Items of ``source`` (a kind's ``(epoch, batch, rows)``), pulled by a daemon thread up to ``depth``
+    ahead, so that the kind's next epoch starts while queued batches still train; a source error is raised
+    where the item is taken. ``depth`` 0 pulls in the caller's thread (no read-ahead, no stall timeout).
 
-    Ray Data retries a read that fails with a network error for minutes (10 attempts with backoff, at
-    every level of the read), so storage that went away would otherwise hang the step: a wait of more than
-    ``stall_timeout_s`` (0: no limit) raises ``DataStallError`` naming ``source_name``.
+    Reads are retried at several levels (the S3 client's attempts, Ray's task retries), so storage that went
+    away could hang the step for a long time: a wait of more than ``stall_timeout_s`` (0: no limit) raises
+    ``DataStallError`` naming ``source_name``.
     """
 
     def __init__(self, source: Iterator, depth: int, stall_timeout_s: float = 0, source_name: str = "data"):
@@ -95,37 +105,32 @@ class ReadAhead:
             self._source.close()
 
 
+AUGMENT = 2  # keeps the augmentation's seeds apart from the order's and validation's
+
+
 class MixedStream:
     """Iterator of model batches (numpy dicts with ``kind``), mixed by the spec's ratios.
 
-    ``shards`` defaults to ``ray.train.get_dataset_shard`` of every kind; pass ``DataIterator``s (e.g.
-    ``dataset.iterator()``) to run the same stream outside Train (preview, tests). A rank's batches hold
-    ``spec.rows_per_rank(world_size)`` rows: the global batch split over the ranks there are.
-    """
+    In a Train worker ``rank`` and ``world`` come from Ray Train; elsewhere (preview, tests) pass them.
+    A rank's batches hold ``spec.rows_per_rank(world)`` rows: its share of the global batch."""
 
-    def __init__(
-        self, spec: StreamSpec, shards: dict | None = None, rank: int | None = None, world_size: int = 0
-    ):
+    def __init__(self, spec: StreamSpec, rank: int | None = None, world: int | None = None):
         self.spec = spec
-        if shards is None:
+        if rank is None or world is None:
             import ray.train
 
-            shards = {kind: ray.train.get_dataset_shard(spec.dataset_names[kind]) for kind in spec.kinds}
             context = ray.train.get_context()
-            rank = context.get_world_rank() if rank is None else rank
-            world_size = world_size or context.get_world_size()
-        missing = [k for k in spec.kinds if k not in shards]
-        if missing:
-            raise ValueError(f"no dataset shard for kind(s) {missing}")
-        self.rank = rank or 0
-        self.batch_rows = spec.rows_per_rank(world_size or spec.full_world)
-        self._shards = shards
-        self._sampler = KindSampler(spec.ratios, spec.seed)
+            rank, world = context.get_world_rank(), context.get_world_size()
+        self.rank, self.world = rank, world
+        self.batch_rows = spec.rows_per_rank(world)
+        self._sampler = KindSampler(spec.ratios, spec.layout.seed)
+        self._kind_readers = {kind: KindReader(spec, kind, rank, world) for kind in spec.kinds}
         self._readers: dict[str, ReadAhead | None] = dict.fromkeys(spec.kinds)
-        self._epoch = dict.fromkeys(spec.kinds, 0)
-        self._batches_in_epoch = dict.fromkeys(spec.kinds, 0)
+        self._position = {kind: (0, 0) for kind in spec.kinds}  # (epoch, next global batch) handed out
         self._samples: Counter = Counter()
         self._batches: Counter = Counter()
+        self._digest = 0
+        self.restarted: list[str] = []  # kinds whose changed data restarted their epoch on resume
         self._wait_s = 0.0
         self._augment_s = 0.0
 
@@ -141,70 +146,61 @@ class MixedStream:
 
     def next_of(self, kind: str) -> dict:
         start = time.perf_counter()
-        rows = self._next_rows(kind)
+        epoch, batch_index, rows = self._reader(kind).get()
         waited = time.perf_counter()
-        rng = batch_rng(
-            self.spec.seed,
-            self.rank,
-            self.spec.kinds.index(kind),
-            self._epoch[kind],
-            self._batches_in_epoch[kind],
-        )
-        batch = augment_batch(kind, rows, self.spec.params, rng)
+        expected = self._position[kind]
+        if (epoch, batch_index) != expected and (epoch, batch_index) != (expected[0] + 1, 0):
+            raise RuntimeError(f"{kind}: read batch {batch_index} of epoch {epoch}, expected {expected}")
+        if epoch != expected[0]:
+            log.info("kind %s: starting epoch %d", kind, epoch)
+        batch = self._augment(kind, epoch, batch_index, rows)
         self._augment_s += time.perf_counter() - waited
         self._wait_s += waited - start
-        self._batches_in_epoch[kind] += 1
+        self._position[kind] = (epoch, batch_index + 1)
+        self._digest = (self._digest + keys_digest(rows["key_hash"])) % (1 << KEY_HASH_BITS)
+        replaced = skipped(rows)
+        if replaced and self.spec.skip_counter is not None:  # rows trained, counted once over all ranks
+            self.spec.skip_counter.add.remote({f"{kind}/{reason}": n for reason, n in replaced.items()})
         self._batches[kind] += 1
-        self._samples[kind] += len(batch["attention_mask" if kind == "text" else "pixel_values"])
+        self._samples[kind] += self.batch_rows
         return batch
 
-    def _open_epoch(self, kind: str, epoch: int):
-        seed = int(
-            np.random.default_rng([self.spec.seed, self.rank, self.spec.kinds.index(kind), epoch]).integers(
-                2**31
+    def _augment(self, kind: str, epoch: int, batch_index: int, rows: dict) -> dict:
+        """Each partition's share of the batch augmented with its own seed (the batch's place in the order
+        and the partition), so that the augmentation does not depend on how the partitions are spread."""
+        order = self._kind_readers[kind].order(epoch)
+        g = order.rows_per_partition_batch
+        parts = []
+        for i, partition in enumerate(order.partitions_of(self.rank, self.world)):
+            share = {k: v[i * g : (i + 1) * g] for k, v in rows.items() if k not in BOOKKEEPING}
+            rng = batch_rng(
+                self.spec.layout.seed,
+                AUGMENT,
+                self.spec.layout.sources[kind].kind_index,
+                epoch,
+                batch_index,
+                partition,
             )
-        )
-        return self._shards[kind].iter_batches(
-            batch_size=self.batch_rows,
-            batch_format="numpy",
-            drop_last=True,
-            local_shuffle_buffer_size=self.spec.shuffle_buffer or None,
-            local_shuffle_seed=seed if self.spec.shuffle_buffer else None,
-            prefetch_batches=self.spec.prefetch_batches,
-        )
+            parts.append(augment_batch(kind, share, self.spec.params, rng))
+        return {k: kind if k == "kind" else np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
-    def _epochs(self, kind: str, epoch: int) -> Iterator[tuple[int, dict | None]]:
-        """``(epoch, rows)`` of every batch, epoch after epoch; ``None`` rows for an epoch with no batch."""
-        while True:
-            empty = True
-            for rows in self._open_epoch(kind, epoch):
-                empty = False
-                yield epoch, rows
-            if empty:
-                yield epoch, None
-                return
-            epoch += 1
-
-    def _next_rows(self, kind: str) -> dict:
+    def _reader(self, kind: str) -> ReadAhead:
         reader = self._readers[kind]
         if reader is None:
+            source = self.spec.layout.sources[kind]
             reader = self._readers[kind] = ReadAhead(
-                self._epochs(kind, self._epoch[kind]),
+                self._kind_readers[kind].epochs(*self._position[kind]),
                 self.spec.read_ahead,
                 self.spec.stall_timeout_s,
-                f"the {kind} dataset {self.spec.sources.get(kind, '')}".rstrip(),
+                f"the {kind} dataset {source.uri}",
             )
-        epoch, rows = reader.get()
-        # every rank runs out at this same step (equal splits, drop_last), so all restart together
-        if epoch != self._epoch[kind]:
-            self._epoch[kind], self._batches_in_epoch[kind] = epoch, 0
-            log.info("kind %s: starting epoch %d", kind, epoch)
-        if rows is None:
-            raise RuntimeError(
-                f"the {kind} train dataset yields no full batch of {self.batch_rows} per rank in an "
-                "epoch (too few rows for batch_size x workers, or every row was skipped: see counters())"
-            )
-        return rows
+        return reader
+
+    def take_keys_digest(self) -> int:
+        """The fingerprint of the rows this rank trained on since the last call (``reader.keys_digest``):
+        summed over the ranks (mod 2**52), that of the global batches."""
+        digest, self._digest = self._digest, 0
+        return digest
 
     def close(self) -> None:
         """Stops the read-ahead threads (and the epochs they started); the stream ends here."""
@@ -213,25 +209,42 @@ class MixedStream:
                 reader.close()
 
     def state_dict(self) -> dict:
-        """Kind sequence state and per-kind progress (the position inside an epoch is not restored)."""
+        """The kind sequence, and per kind the data position and the identity of the data it is in."""
         return {
             "sampler": self._sampler.state_dict(),
-            "epoch": dict(self._epoch),
-            "started": [k for k, reader in self._readers.items() if reader is not None],
+            "position": {kind: list(position) for kind, position in self._position.items()},
+            "identity": {kind: source.identity for kind, source in self.spec.layout.sources.items()},
             "samples": dict(self._samples),
             "batches": dict(self._batches),
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Continues the saved kind sequence; each kind starts its next epoch with a fresh pass."""
+        """Continues the saved kind sequence and every kind's epoch exactly where it was. A kind whose data
+        changed since (shards or checksums differ) is an error, or under ``data.on_changed_data=
+        restart_epoch`` starts its epoch afresh over the new data; ``restarted`` lists those kinds."""
         if any(reader is not None for reader in self._readers.values()):
             raise RuntimeError("load_state_dict must come before the first batch is drawn")
         self._sampler.load_state_dict(state["sampler"])
-        # a kind not drawn yet has not begun its epoch 0: it must not skip to epoch 1 (exact resume)
-        started = set(state.get("started", state["epoch"]))
         for kind in self.spec.kinds:
-            saved = state["epoch"].get(kind)
-            self._epoch[kind] = 0 if saved is None else saved + (kind in started)
+            epoch, batch = state["position"].get(kind, (0, 0))
+            saved = state["identity"].get(kind)
+            source = self.spec.layout.sources[kind]
+            if saved is not None and saved != source.identity:
+                if self.spec.on_changed_data != "restart_epoch":
+                    raise ChangedDataError(
+                        f"the {kind} dataset {source.uri} changed since the checkpoint (its shards or their "
+                        "checksums differ): resuming would not continue the same order. Restore the data, or "
+                        "set data.on_changed_data=restart_epoch to start this kind's epoch afresh"
+                    )
+                log.warning(
+                    "kind %s: %s changed since the checkpoint; epoch %d starts afresh",
+                    kind,
+                    source.uri,
+                    epoch,
+                )
+                self.restarted.append(kind)
+                batch = 0
+            self._position[kind] = (epoch, batch)
         self._samples = Counter(state["samples"])
         self._batches = Counter(state["batches"])
 
@@ -245,7 +258,7 @@ class MixedStream:
         for kind in self.spec.kinds:
             out[f"samples/{kind}"] = self._samples[kind]
             out[f"batches/{kind}"] = self._batches[kind]
-            out[f"epoch/{kind}"] = self._epoch[kind]
+            out[f"epoch/{kind}"] = self._position[kind][0]
         for kind, n in self.spec.corrupt_shards.items():
             out[f"skipped_shards/{kind}"] = n
         for key, n in skipped_rows(self.spec).items():
@@ -253,8 +266,12 @@ class MixedStream:
         return out
 
 
+class ChangedDataError(RuntimeError):
+    """A resume into a dataset whose shards differ from the checkpoint's."""
+
+
 def skipped_rows(spec: StreamSpec, timeout_s: float = 10.0) -> dict[str, int]:
-    """Rows the prepare tasks dropped so far, by "kind/reason"; empty (with a warning) if unreachable."""
+    """Rows replaced in the batches trained so far, by "kind/reason"; empty if unreachable (warned)."""
     if spec.skip_counter is None:
         return {}
     import ray

@@ -227,47 +227,51 @@ def itm_sources(input_ids: np.ndarray, fraction: float, rng) -> np.ndarray:
 # ------------------------------------------------------------------------------------- the two stages
 
 
-def prepare_rows(
+SKIP_REASONS = ("image_size_mismatch", "undecodable_image", "codes_out_of_range", "empty_text")
+
+
+def prepare_columns(
     kind: str, columns: dict[str, object], params: TransformParams, tokenizer: Tokenize | None
-) -> tuple[dict[str, np.ndarray], Counter]:
-    """Shard columns -> deterministic per-row arrays; bad rows dropped and counted by reason.
+) -> tuple[dict[str, np.ndarray], list[str | None]]:
+    """Shard columns -> deterministic per-row arrays for every row, and per row the reason it is unusable
+    (None if usable; an unusable row's arrays are zeros).
 
     ``columns`` holds ``image`` (sequence of bytes), ``dvae_codes``/``dvae_codes_flipped`` (n, N) ints,
     ``text`` (sequence of str), as the kind has them.
     """
     n = len(next(iter(columns.values())))
-    keep = np.ones(n, dtype=bool)
-    skipped: Counter = Counter()
+    reasons: list[str | None] = [None] * n
     out: dict[str, np.ndarray] = {}
     if kind in ("image", "image_text"):
-        pixels, reasons = decode_images(columns["image"], params.image_size)
+        pixels, decoded = decode_images(columns["image"], params.image_size)
         codes = np.asarray(columns["dvae_codes"])
         codes_flipped = np.asarray(columns["dvae_codes_flipped"])
         bad_codes = ((codes < 0) | (codes >= params.codebook_size)).any(1) | (
             (codes_flipped < 0) | (codes_flipped >= params.codebook_size)
         ).any(1)
-        for i, reason in enumerate(reasons):
-            reason = reason or ("codes_out_of_range" if bad_codes[i] else None)
-            if reason:
-                keep[i] = False
-                skipped[reason] += 1
-        out["pixel_values"] = pixels
+        for i, reason in enumerate(decoded):
+            reasons[i] = reason or ("codes_out_of_range" if bad_codes[i] else None)
+        out["pixel_values"] = normalize(pixels)
         out["dvae_codes"] = codes.astype(np.int16, copy=False)
         out["dvae_codes_flipped"] = codes_flipped.astype(np.int16, copy=False)
     if kind in ("text", "image_text"):
         texts = [t if isinstance(t, str) else "" for t in columns["text"]]
         ids, attention = tokenizer.encode(texts)
         # [CLS] [SEP] only: nothing left to learn from (empty or whitespace/control-only caption)
-        empty = attention.sum(1) <= 2
-        for i in np.flatnonzero(empty & keep):
-            keep[i] = False
-            skipped["empty_text"] += 1
+        for i in np.flatnonzero(attention.sum(1) <= 2):
+            reasons[i] = reasons[i] or "empty_text"
         out["input_ids"] = ids.astype(np.int32, copy=False)
         out["attention_mask"] = attention.astype(np.int8, copy=False)
-    out = {k: v[keep] for k, v in out.items()}
-    if "pixel_values" in out:  # normalise only the kept rows
-        out["pixel_values"] = normalize(out["pixel_values"])
-    return out, skipped
+    return out, reasons
+
+
+def prepare_rows(
+    kind: str, columns: dict[str, object], params: TransformParams, tokenizer: Tokenize | None
+) -> tuple[dict[str, np.ndarray], Counter]:
+    """``prepare_columns`` with the unusable rows dropped and counted by reason."""
+    out, reasons = prepare_columns(kind, columns, params, tokenizer)
+    keep = np.array([r is None for r in reasons], dtype=bool)
+    return {k: v[keep] for k, v in out.items()}, Counter(r for r in reasons if r)
 
 
 def augment_batch(kind: str, rows: dict[str, np.ndarray], params: TransformParams, rng) -> dict:

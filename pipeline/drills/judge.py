@@ -17,6 +17,7 @@ class DrillResult:
     observed: str
     passed: bool
     steps_redone: int | None = None
+    rows_differ: int | None = None  # rows trained that an unfaulted run would not have trained (must be 0)
     samples_lost: int | None = None  # consumed by an unfaulted run but not by this one (must be 0)
     recover_s: float | None = None
     details: dict = field(default_factory=dict)
@@ -31,6 +32,11 @@ class RunRecord:
     mlflow_runs: int
     events: list[dict]  # pipeline.train.events, oldest first
     kinds: dict[int, set[str]] = field(default_factory=dict)  # kinds logged at each step (redone: again)
+    # fingerprints of the rows each step trained, as logged (redone: again), and of those an unfaulted run
+    # trains at that step (``pipeline.data.datasets.step_rows``)
+    keys: dict[int, list[int]] = field(default_factory=dict)
+    expected_keys: dict[int, int] = field(default_factory=dict)
+    rows_per_step: int = 0
 
     def of(self, name: str) -> list[dict]:
         return [e for e in self.events if e["event"] == name]
@@ -55,6 +61,15 @@ def expected_samples(config: Config, steps: int) -> dict[str, int]:
     counts = Counter(kind_sequence(config, steps))
     per_step = config.data.batch_size * config.train.grad_accum * config.train.num_workers
     return {kind: counts[kind] * per_step for kind in KINDS}
+
+
+def rows_differ(run: RunRecord) -> int:
+    """Rows of steps whose logged rows (any time they were logged) are not the unfaulted run's: a step's
+    fingerprint covers all its rows, so a differing step counts all of them."""
+    wrong = [
+        s for s, expected in run.expected_keys.items() if any(k != expected for k in run.keys.get(s, [None]))
+    ]
+    return len(wrong) * run.rows_per_step
 
 
 def kinds_differ(config: Config, run: RunRecord, steps: int) -> list[int]:
@@ -91,12 +106,14 @@ def judge_recovery(
     continuous = logged == list(range(1, steps + 1))
     lost, doubled = sample_accounting(config, run.final, steps)
     wrong_kinds = kinds_differ(config, run, steps)
+    wrong_rows = rows_differ(run)
     passed = (
         run.final.get("step") == steps
         and continuous
         and run.mlflow_runs == 1
         and lost == doubled == 0
         and not wrong_kinds
+        and wrong_rows == 0
     )
     observed = (
         f"reached step {run.final.get('step')}/{steps}; {run.mlflow_runs} MLflow run, steps "
@@ -110,6 +127,7 @@ def judge_recovery(
         observed,
         passed,
         steps_redone=redone_steps(run.step_log),
+        rows_differ=wrong_rows,
         samples_lost=lost,
         recover_s=recovery_time(run.step_log, fault_at),
         details={
@@ -138,11 +156,12 @@ def format_table(results: list[DrillResult]) -> str:
         return "-" if value is None else str(value).replace("|", "/")
 
     lines = [
-        "| scenario | expected | observed | steps redone | samples lost | recover s | ok |",
-        "|---|---|---|---|---|---|---|",
+        "| scenario | expected | observed | steps redone | samples lost | rows differ from unfaulted run "
+        "| recover s | ok |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
-        row = [r.scenario, r.expected, r.observed, r.steps_redone, r.samples_lost, r.recover_s]
+        row = [r.scenario, r.expected, r.observed, r.steps_redone, r.samples_lost, r.rows_differ, r.recover_s]
         lines.append("| " + " | ".join(cell(v) for v in row) + f" | {'yes' if r.passed else 'NO'} |")
     passed = sum(r.passed for r in results)
     lines.append(f"\n{passed} passed, {len(results) - passed} failed")

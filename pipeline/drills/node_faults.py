@@ -1,5 +1,5 @@
-"""Nodes that go and come: a node of an elastic run preempted (its raylet and every process on it killed)
-and back later, and a node that joins a run that started small. The run must keep training on what is
+"""Nodes that go and come: a node of an elastic run preempted (its raylet and every process on it killed),
+and a node that joins the run later. The run must keep training on what is
 left, grow again when capacity returns (Ray Train V2 elastic mode, ``train.min_workers``), reshard model,
 optimizer and data to each new world size, and lose no sample.
 
@@ -72,12 +72,14 @@ def _trained_at(config: Config, world: int, after_step: int) -> bool:
     return started and observe.last_logged_step(config) > after_step
 
 
-def node_lost(ws: Workspace, cluster: LocalCluster, steps: int = 100) -> DrillResult:
-    """Two Train nodes; one is preempted mid-run: training goes on with one worker without waiting for it,
-    and when a node comes back the run grows to two again and finishes."""
-    pool = f"drill-lost-{ws.tag}"
+def node_lost_and_joined(ws: Workspace, cluster: LocalCluster, steps: int = 100) -> list[DrillResult]:
+    """Two Train nodes; one is preempted mid-run (raylet and workers SIGKILLed): training must go on with one
+    worker without waiting for it. A node then joins (the preempted one replaced, as KubeRay does): the run
+    must grow to two workers at its next check and finish at full size. One run, two rows: ``node_lost``
+    (2 -> 1) and ``node_joined`` (1 -> 2); together the 2 -> 1 -> 2 run, judged against an unfaulted one."""
+    pool = f"drill-nodes-{ws.tag}"
     nodes = [cluster.add_node(cpus=1, resources={pool: 1}) for _ in range(2)]
-    config = elastic_config(ws, "node-lost", pool, steps)
+    config = elastic_config(ws, "nodes", pool, steps)
     try:
         with Background(config) as run:
             wait_for(
@@ -86,80 +88,47 @@ def node_lost(ws: Workspace, cluster: LocalCluster, steps: int = 100) -> DrillRe
                     or (observe.checkpoint_step(config) >= 4 and observe.last_logged_step(config) >= 6)
                 ),
                 300,
-                "node-lost: checkpoint 4 and two more steps",
+                "node drills: checkpoint 4 and two more steps",
             )
             if run.done:
                 raise RuntimeError(
-                    f"node-lost: the run ended before the fault ({failure_summary(run.error)})"
+                    f"node drills: the run ended before the fault ({failure_summary(run.error)})"
                 )
-            fault_step, fault_at = observe.last_logged_step(config), time.time()
+            lost_step, lost_at = observe.last_logged_step(config), time.time()
             dead_after_s = cluster.kill(nodes.pop())
-            wait_for(lambda: run.done or _trained_at(config, 1, fault_step), 300, "node-lost: training at 1")
-            back_step, back_at = observe.last_logged_step(config), time.time()
+            wait_for(lambda: run.done or _trained_at(config, 1, lost_step), 300, "node drills: training at 1")
+            joined_step, joined_at = observe.last_logged_step(config), time.time()
             nodes.append(cluster.add_node(cpus=1, resources={pool: 1}))
             result = run.join(300)
         if run.error is not None:
-            raise RuntimeError(f"node-lost: the run failed: {failure_summary(run.error)}") from run.error
+            raise RuntimeError(f"node drills: the run failed: {failure_summary(run.error)}") from run.error
         record = _record(config, result.metrics)
-        out = judge_recovery(
-            "a Train node preempted (raylet + workers SIGKILLed), back later",
-            "trains on at 1 worker without waiting, grows back to 2 when the node returns, reaches the "
-            "target step with no sample lost",
+        starts = record.of("train_start")
+        lost = judge_recovery(
+            "a Train node preempted (raylet + workers SIGKILLed)",
+            "trains on at 1 worker without waiting for the node, no sample lost",
             config,
             record,
-            fault_at,
+            lost_at,
             steps,
         )
-        out = judge_resizes(out, record, [2, 1, 2])
-        out.details.update(
-            fault_step=fault_step, back_step=back_step, node_dead_after_s=round(dead_after_s, 1)
-        )
-        out.details["regrow_s"] = next(
-            (round(e["time"] - back_at, 1) for e in record.of("train_start") if e["time"] > back_at), None
-        )
-        return out
-    finally:
-        for node in nodes:
-            cluster.kill(node)
-
-
-def node_joined(ws: Workspace, cluster: LocalCluster, steps: int = 80) -> DrillResult:
-    """A run that starts with one Train node (all there is) and gets a second mid-run: it resizes up at the
-    next check and finishes at full size."""
-    pool = f"drill-joined-{ws.tag}"
-    nodes = [cluster.add_node(cpus=1, resources={pool: 1})]
-    config = elastic_config(ws, "node-joined", pool, steps)
-    try:
-        with Background(config) as run:
-            wait_for(
-                lambda: (
-                    run.done
-                    or (observe.checkpoint_step(config) >= 4 and observe.last_logged_step(config) >= 6)
-                ),
-                300,
-                "node-joined: checkpoint 4 and two more steps",
-            )
-            if run.done:
-                raise RuntimeError(f"node-joined: the run ended early ({failure_summary(run.error)})")
-            join_step, join_at = observe.last_logged_step(config), time.time()
-            nodes.append(cluster.add_node(cpus=1, resources={pool: 1}))
-            result = run.join(300)
-        if run.error is not None:
-            raise RuntimeError(f"node-joined: the run failed: {failure_summary(run.error)}") from run.error
-        record = _record(config, result.metrics)
-        out = judge_recovery(
-            "a Train node joins a run of 1 worker",
+        lost = judge_resizes(lost, record, [2, 1, 2])
+        lost.details.update(lost_step=lost_step, node_dead_after_s=round(dead_after_s, 1))
+        joined = judge_recovery(
+            "a Train node joins the run of 1 worker",
             "resizes up to 2 workers at the next check and finishes at full size, no sample lost",
             config,
             record,
-            join_at,
+            joined_at,
             steps,
         )
-        out = judge_resizes(out, record, [1, 2])
-        grown = [e["time"] for e in record.of("train_start") if e["world_size"] == 2]
-        out.recover_s = round(grown[0] - join_at, 1) if grown else None  # the join to training at 2
-        out.details.update(join_step=join_step)
-        return out
+        joined = judge_resizes(joined, record, [2, 1, 2])
+        regrown = [e for e in starts if e["time"] > joined_at and e["world_size"] == 2]
+        joined.recover_s = round(regrown[0]["time"] - joined_at, 1) if regrown else None  # join -> at 2
+        joined.details.update(
+            joined_step=joined_step, resumed_at_step=regrown[0]["step"] if regrown else None
+        )
+        return [lost, joined]
     finally:
         for node in nodes:
             cluster.kill(node)

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pipeline import storage
 from pipeline.config import KINDS, Config
+from pipeline.data.datasets import data_order, step_rows
+from pipeline.data.reader import key_hash, keys_digest
 from pipeline.drills.judge import RunRecord
 from pipeline.train import checkpoint as ckpt
 from pipeline.train import events
@@ -80,12 +82,31 @@ def logged_kinds(config: Config) -> dict[int, set[str]]:
     return kinds
 
 
+def logged_keys(config: Config) -> dict[int, list[int]]:
+    """Step -> the fingerprints of the rows it trained, as logged (``data/keys/<kind>``; redone: twice)."""
+    keys: dict[int, list[int]] = {}
+    for kind in KINDS:
+        for m in sorted(metric_history(config, f"data/keys/{kind}"), key=lambda m: m.timestamp):
+            keys.setdefault(m.step, []).append(int(m.value))
+    return keys
+
+
+def unfaulted_keys(config: Config, steps: int) -> dict[int, int]:
+    """Step -> the fingerprint of the rows an unfaulted run of ``config`` trains there (from the shards)."""
+    layout = data_order(resolve_paths(config))[0]
+    return {r.step: keys_digest(key_hash(sum(r.keys, []))) for r in step_rows(config, layout, 1, steps)}
+
+
 def record(config: Config, final: dict | None = None) -> RunRecord:
     """Everything the judge needs of a finished run; ``final`` defaults to what MLflow holds."""
+    final = final if final is not None else final_metrics(config)
     return RunRecord(
-        final=final if final is not None else final_metrics(config),
+        final=final,
         step_log=step_log(config),
         mlflow_runs=len(mlflow_runs(config)),
         events=run_events(config),
         kinds=logged_kinds(config),
+        keys=logged_keys(config),
+        expected_keys=unfaulted_keys(config, int(final.get("step", 0))),
+        rows_per_step=config.data.batch_size * config.train.num_workers * config.train.grad_accum,
     )

@@ -27,6 +27,15 @@ def barrier() -> None:
         dist.barrier()
 
 
+def sum_across_ranks_mod(value: int, modulus: int, device: torch.device) -> int:
+    """The sum of every rank's non-negative ``value`` modulo ``modulus`` (< 2**55), exactly (int64)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value % modulus
+    packed = torch.tensor([value % modulus], dtype=torch.int64, device=device)
+    dist.all_reduce(packed)  # at most world x modulus: far from overflowing for any real world size
+    return int(packed.item()) % modulus
+
+
 def mean_across_ranks(values: dict[str, float], device: torch.device) -> dict[str, float]:
     """One all-reduce for a dict of scalars (every rank has the same keys: same kind, same losses)."""
     names = sorted(values)

@@ -50,7 +50,7 @@ class WorkerData:
         self.config = config
         self.spec = spec
         self.device = device
-        self.stream = MixedStream(spec)
+        self.stream = MixedStream(spec)  # rank and world size from Ray Train
         self.text_vocab_size = spec.params.text_vocab_size
         self._val: dict[str, list[dict]] | None = None
 

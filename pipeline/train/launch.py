@@ -7,6 +7,7 @@ Everything that can be wrong with the inputs is found here, before a worker star
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from pipeline import paths, storage
 from pipeline.config import KINDS, Config, to_dict
 from pipeline.data.datasets import TrainData, check_shards
 from pipeline.data.mixing import validate_ratios
+from pipeline.data.order import partitions_for
 from pipeline.data.tokenizer import load_tokenizer
 from pipeline.shards.format import Manifest, ShardIntegrityError, verify_dataset
 from pipeline.train import checkpoint as ckpt
@@ -114,17 +116,22 @@ def validate_inputs(config: Config) -> dict[str, Manifest]:
 
 
 def check_world_sizes(config: Config) -> None:
-    """Every world size the run may train with must split the global batch evenly: the optimizer sees
-    the same global batch (``data.batch_size`` x ``train.num_workers`` rows per micro-step) at any size."""
+    """Every world size the run may train with must split the global batch evenly, and so must the data
+    partitions the row order needs for that range (``pipeline.data.order``): the optimizer sees the same
+    global batch (``data.batch_size`` x ``train.num_workers`` rows a micro-step), of the same rows, at any
+    size."""
     fewest, most = config.train.worker_range
     rows = config.data.batch_size * most
-    uneven = [w for w in range(fewest, most + 1) if rows % w]
-    if uneven:
-        fits = [w for w in range(1, most + 1) if rows % w == 0]
+    partitions = partitions_for(fewest, most)
+    if rows % partitions:
+        step = partitions // math.gcd(partitions, most)
+        below = config.data.batch_size - config.data.batch_size % step
+        fits = ", ".join(str(b) for b in (below, below + step) if b > 0)
         raise InputError(
-            f"a global batch of {rows} rows (data.batch_size={config.data.batch_size} x "
-            f"train.num_workers={most}) cannot be split evenly over {uneven} worker(s), which "
-            f"train.min_workers={fewest}..train.num_workers={most} allows; world sizes that divide it: {fits}"
+            f"a global batch of {rows} rows (data.batch_size={config.data.batch_size} x train.num_workers="
+            f"{most}) cannot be split evenly at every world size of train.min_workers={fewest}.."
+            f"train.num_workers={most} ({partitions} data partitions, their least common multiple): "
+            f"choose a data.batch_size that is a multiple of {step} ({fits}), or a narrower range"
         )
 
 
@@ -172,10 +179,30 @@ def run_dir(config: Config) -> str:
     return storage.join(config.train.storage_path, config.train.run_name)
 
 
-def start_tracking(config: Config, manifests: dict[str, Manifest]) -> str:
+def check_data_unchanged(config: Config, data: TrainData, found: ckpt.Found | None) -> None:
+    """A resume must read on in the data it was reading: a kind whose shards changed since the checkpoint
+    is an error naming it (before any worker starts), unless ``data.on_changed_data=restart_epoch``."""
+    saved = (found.extra.get("stream", {}).get("identity", {}) if found else {}) or {}
+    changed = [
+        k
+        for k, source in data.spec.layout.sources.items()
+        if saved.get(k, source.identity) != source.identity
+    ]
+    if changed and config.data.on_changed_data == "error":
+        names = ", ".join(f"{k} ({data.spec.layout.sources[k].uri})" for k in changed)
+        raise InputError(
+            f"the train data of {names} changed since the checkpoint at step {found.step} (other shards or "
+            "checksums): resuming would not continue the same row order. Restore the data, or set "
+            "data.on_changed_data=restart_epoch to start that kind's epoch afresh over the new data"
+        )
+
+
+def latest_checkpoint(config: Config) -> ckpt.Found | None:
+    return ckpt.find_latest(*storage.resolve(run_dir(config), config.storage))
+
+
+def start_tracking(config: Config, manifests: dict[str, Manifest], found: ckpt.Found | None) -> str:
     """Finds or creates the MLflow run (continuing the latest checkpoint's) and logs what the driver knows."""
-    fs, path = storage.resolve(run_dir(config), config.storage)
-    found = ckpt.find_latest(fs, path)
     params = tracking.environment_params(ROOT)
     params.update({f"data.identity.{name}": m.identity() for name, m in manifests.items()})
     params.update({f"data.rows.{name}": str(m.rows) for name, m in manifests.items()})
@@ -230,8 +257,6 @@ def build_trainer(
             checkpoint_config=ckpt.retention(train),
             callbacks=callbacks or [],
         ),
-        datasets=data.datasets,
-        dataset_config=data.data_config,
     )
 
 
@@ -262,7 +287,9 @@ def run_pretraining(config: Config, callbacks: list | None = None) -> PretrainRe
     check_cluster_cpus(config)
     check_storage_reachable(config, cluster_hosts())
     config, data = open_train_data(config)  # every train shard checked (checksums) before the run opens
-    run_id = start_tracking(config, manifests)
+    found = latest_checkpoint(config)
+    check_data_unchanged(config, data, found)
+    run_id = start_tracking(config, manifests, found)
     tracker = tracking.Tracker(config.mlflow.tracking_uri, run_id)
     fs, path = storage.resolve(run_dir(config), config.storage)
     events.record(

@@ -28,10 +28,11 @@ from model import FlavaForPretraining, build_flava, load_hf_checkpoint, save_hf_
 from model.sharding import parallelize
 from pipeline import storage
 from pipeline.config import KINDS, Config, from_dict
+from pipeline.data.reader import KEY_HASH_BITS
 from pipeline.data.tokenizer import load_tokenizer
 from pipeline.train import events
 from pipeline.train.checkpoint import CheckpointManager
-from pipeline.train.collectives import mean_across_ranks, rank_world
+from pipeline.train.collectives import mean_across_ranks, rank_world, sum_across_ranks_mod
 from pipeline.train.data_setup import WorkerData
 from pipeline.train.evaluate import evaluate
 from pipeline.train.optim import build_optimizer, build_scheduler
@@ -193,6 +194,10 @@ class Trainer:
             )
         if found is not None:
             self.log(f"[train] resumed from {found.path} at step {self.progress.step}")
+        for kind in self.data.stream.restarted:  # data.on_changed_data=restart_epoch
+            if self.rank == 0:
+                self.tracker.set_tags({f"data.restart.{kind}": f"step {self.progress.step}"})
+                events.record(self.run_fs, self.run_dir, "data_restart", kind=kind, step=self.progress.step)
 
     def step(self) -> dict[str, float]:
         t0 = time.perf_counter()
@@ -226,6 +231,10 @@ class Trainer:
                 "perf/data_wait_s": wait,
                 "perf/samples_per_s": self.global_batch / step_time,
                 "sys/world_size": float(self.world),
+                # the rows of this step (all ranks): a resumed or resized run must train the same rows
+                f"data/keys/{kind}": float(
+                    sum_across_ranks_mod(self.data.stream.take_keys_digest(), 1 << KEY_HASH_BITS, self.device)
+                ),
                 **{f"samples/{k}": float(v) for k, v in p.samples.items()},
                 **{f"steps/{k}": float(v) for k, v in p.steps_by_kind.items()},
                 **_memory_mb(self.device),

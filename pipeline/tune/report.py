@@ -167,7 +167,66 @@ def objective_plot(rows: list[TrialRow], kinds: list[str], objective_name: str, 
     if scatter is not None:
         fig.colorbar(scatter, ax=axes, label=f"{objective_name} ({mode})", shrink=0.8, pad=0.02)
     fig.suptitle(f"{objective_name} against the mixing ratios: {len(scored)} of {len(rows)} trials scored")
+    return _png(fig)
+
+
+def _png(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
     return buf.getvalue()
+
+
+def predicted_vs_actual_plot(actual: np.ndarray, predicted: np.ndarray, spearman: float, name: str) -> bytes:
+    """PNG: each trial's leave-one-out prediction against its measured objective."""
+    fig, ax = plt.subplots(figsize=(5.2, 5.0))
+    ax.scatter(actual, predicted, s=40, edgecolors="k", color="tab:blue")
+    low, high = float(min(actual.min(), predicted.min())), float(max(actual.max(), predicted.max()))
+    ax.plot([low, high], [low, high], color="0.5", lw=1, ls="--")
+    ax.set(xlabel=f"measured {name}", ylabel=f"predicted {name} (leave-one-out)")
+    ax.set_title(f"{len(actual)} trials, Spearman {spearman:.3f}")
+    ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def mixture_surface_plot(
+    sources: list[str],
+    scored: np.ndarray,
+    trials: np.ndarray,
+    recommended: np.ndarray,
+    name: str,
+    mode: str,
+    shown: int = 6000,
+) -> bytes:
+    """PNG: the predicted objective over the simplex (ternary for 3 sources, else its mean against each
+    source's weight, a partial dependence), trials as black-edged dots, the recommendation as a red star."""
+    k = len(sources)
+    weights, predicted = scored[:, :k], scored[:, k]
+    cmap = "viridis_r" if mode == "min" else "viridis"
+    if k == 3:
+        fig, (ax,) = _ternary_axes(sources)
+        sample = np.random.default_rng(0).permutation(len(weights))[:shown]
+        dots = ax.scatter(*_ternary_xy(weights[sample]), c=predicted[sample], s=6, cmap=cmap, zorder=1)
+        ax.scatter(*_ternary_xy(trials), s=30, facecolors="none", edgecolors="k", zorder=2, label="trials")
+        ax.scatter(
+            *_ternary_xy(recommended[None]), marker="*", s=340, color="red", zorder=3, label="recommended"
+        )
+        ax.legend(loc="upper left", fontsize=8, frameon=False)
+        fig.colorbar(dots, ax=ax, label=f"predicted {name}", shrink=0.8)
+    else:
+        fig, grid = plt.subplots(1, k, figsize=(3.6 * k, 3.4), squeeze=False, sharey=True)
+        edges = np.linspace(0, 1, 21)
+        for i, ax in enumerate(grid[0]):
+            bins = np.clip(np.digitize(weights[:, i], edges) - 1, 0, len(edges) - 2)
+            means = [
+                predicted[bins == b].mean() if (bins == b).any() else np.nan for b in range(len(edges) - 1)
+            ]
+            ax.plot((edges[:-1] + edges[1:]) / 2, means, color="tab:blue")
+            ax.axvline(recommended[i], color="red", lw=1.2)
+            for w in trials[:, i]:
+                ax.axvline(w, color="k", lw=0.3, alpha=0.4, ymax=0.05)
+            ax.set(xlabel=f"weight of {sources[i]}", xlim=(0, 1))
+            ax.grid(alpha=0.3)
+        grid[0][0].set_ylabel(f"mean predicted {name}")
+    fig.suptitle(f"predicted {name} over {len(weights)} mixtures ({mode})")
+    return _png(fig)

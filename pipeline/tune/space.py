@@ -21,22 +21,42 @@ class _DirichletSampler(BaseSampler):
     """Draws from the Dirichlet with the searcher's generator, so a seeded sweep repeats its trials."""
 
     def sample(self, domain: Simplex, config=None, size: int = 1, random_state=None):
-        draws = random_state.dirichlet([domain.alpha] * len(domain.kinds), size=size)
-        items = [domain.to_ratios(row) for row in draws]
+        alphas = domain.alphas(random_state, size)
+        items = [domain.to_ratios(random_state.dirichlet(alpha)) for alpha in alphas]
         return items if size > 1 else items[0]
 
 
 class Simplex(Domain):
-    """Tune domain whose value is a ratios dict: Dirichlet(alpha) over ``kinds``, 0 for ``zero_kinds``."""
+    """Tune domain whose value is a ratios dict: a Dirichlet over ``kinds``, 0 for ``zero_kinds``.
+
+    Symmetric Dirichlet(``alpha``) by default. With ``natural`` (RegMix, Liu et al. 2024) each draw is
+    Dirichlet(c x natural) around the kinds' natural share, its concentration ``c`` log-uniform over
+    ``concentration``: small ``c`` lands near corners and edges, large ``c`` near the natural mixture."""
 
     default_sampler_cls = _DirichletSampler
 
-    def __init__(self, kinds: list[str], alpha: float = 1.0, zero_kinds: tuple[str, ...] = ()):
+    def __init__(
+        self,
+        kinds: list[str],
+        alpha: float = 1.0,
+        zero_kinds: tuple[str, ...] = (),
+        natural: list[float] | None = None,
+        concentration: tuple[float, float] = (1.0, 1.0),
+    ):
         if not kinds:
             raise ConfigError("tune.kinds: the simplex needs at least one kind")
         self.kinds = list(kinds)
         self.alpha = float(alpha)
         self.zero_kinds = tuple(zero_kinds)
+        self.natural = None if natural is None else np.asarray(natural, dtype=float) / sum(natural)
+        self.concentration = concentration
+
+    def alphas(self, rng: np.random.Generator, size: int) -> np.ndarray:
+        """The Dirichlet parameters of ``size`` draws, one row each."""
+        if self.natural is None:
+            return np.full((size, len(self.kinds)), self.alpha)
+        low, high = np.log(self.concentration)
+        return np.exp(rng.uniform(low, high, size=(size, 1))) * self.natural
 
     def to_ratios(self, weights) -> dict[str, float]:
         ratios = {k: 0.0 for k in KINDS if k in self.kinds or k in self.zero_kinds}
@@ -51,7 +71,10 @@ class Simplex(Domain):
 
     @property
     def domain_str(self) -> str:
-        return f"Dirichlet(alpha={self.alpha}) over {self.kinds}"
+        if self.natural is None:
+            return f"Dirichlet(alpha={self.alpha}) over {self.kinds}"
+        share = ", ".join(f"{k} {w:.3f}" for k, w in zip(self.kinds, self.natural, strict=True))
+        return f"Dirichlet(c x natural share [{share}]), c log-uniform over {self.concentration}"
 
 
 def simplex_grid(kinds: list[str], steps: int, zero_kinds: tuple[str, ...] = ()) -> list[dict[str, float]]:
@@ -78,13 +101,25 @@ def swept_kinds(config: Config) -> tuple[list[str], tuple[str, ...]]:
     return kinds, zero
 
 
+def natural_share(config: Config, kinds: list[str]) -> list[float]:
+    """The kinds' shares of the training rows, from their manifests: RegMix's prior mixture."""
+    from pipeline.shards.format import read_manifest
+
+    rows = [read_manifest(config.data.train[k], config.storage).rows for k in kinds]
+    if not sum(rows):
+        raise ConfigError(f"tune.search=regmix: the training datasets of {kinds} hold no rows")
+    return [r / sum(rows) for r in rows]
+
+
 def param_space(config: Config) -> dict[str, Any]:
     """The Tuner's param_space: ``ratios`` (always) and ``lr`` (when tune.lr_choices is set)."""
     tc = config.tune
     kinds, zero = swept_kinds(config)
     space: dict[str, Any] = {}
-    if tc.search == "random":
-        space["ratios"] = Simplex(kinds, tc.dirichlet_alpha, zero)
+    if tc.search in ("random", "regmix"):
+        natural = natural_share(config, kinds) if tc.search == "regmix" else None
+        concentration = (tc.regmix_concentration_min, tc.regmix_concentration_max)
+        space["ratios"] = Simplex(kinds, tc.dirichlet_alpha, zero, natural, concentration)
         if tc.lr_choices:
             space["lr"] = tune.choice(list(tc.lr_choices))
     else:
@@ -97,7 +132,7 @@ def param_space(config: Config) -> dict[str, Any]:
 def num_trials(config: Config) -> int:
     """How many trials the space yields (grid points times repeats, or the number of draws)."""
     tc = config.tune
-    if tc.search == "random":
+    if tc.search in ("random", "regmix"):
         return tc.num_samples
     kinds, _ = swept_kinds(config)
     grid = len(simplex_grid(kinds, tc.grid_steps))

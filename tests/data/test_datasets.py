@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import shutil
 
-import numpy as np
 import pytest
 
 from pipeline.config import StorageConfig, load_config
-from pipeline.data.datasets import build_train_data, check_shards, read_kind
+from pipeline.data.datasets import build_train_data, check_shards
 from pipeline.data.stream import MixedStream
 from pipeline.data.synthetic import write_synthetic_dataset
 from pipeline.data.transforms import BATCH_KEYS
@@ -56,7 +55,7 @@ def test_missing_shard_and_empty_dataset(damaged, tmp_path):
         check_shards(uri, StorageConfig(), checksums=False, on_corrupt="skip")
 
 
-def test_bad_rows_and_skipped_shards_reach_the_stream_counters(
+def test_unusable_rows_and_skipped_shards_reach_the_stream_counters(
     ray_cluster, data_config, tokenizer, tmp_path, synthetic_root
 ):
     image = tmp_path / "image"
@@ -66,22 +65,23 @@ def test_bad_rows_and_skipped_shards_reach_the_stream_counters(
     # no read-ahead: a reader thread would already be preparing (and counting) the next epoch's rows
     config = data_config(f"data.train.image={image}", "data.on_corrupt_shard=skip", "data.read_ahead=0")
     data = build_train_data(config, tokenizer)
-    assert list(data.datasets) == ["train_image_text", "train_image", "train_text"]
+    assert set(data.spec.layout.sources) == {"image_text", "image", "text"}
     assert len(data.skipped_shards["image"]) == 1
-    stream = MixedStream(
-        data.spec, {k: data.datasets[n].iterator() for k, n in data.spec.dataset_names.items()}
-    )
-    for kind in data.spec.kinds:  # one full epoch of each kind, so that every prepare task has run
-        for _ in range(5):
+    stream = MixedStream(data.spec, rank=0, world=1)  # one rank reads every partition: whole epochs
+    # an epoch is rows // (8 x 2 workers) global batches: 3 of image (48 usable rows), 6, 4
+    for kind, batches in (("image", 3), ("image_text", 6), ("text", 4)):
+        for _ in range(batches):
             batch = stream.next_of(kind)
             assert set(batch) == {"kind", *BATCH_KEYS[kind]}
+            assert len(batch["attention_mask" if kind == "text" else "pixel_values"]) == 16
     counters = stream.counters()
     assert counters["skipped_shards/image"] == 1
     # rows 9, 19, ..., 59 of the 64 image rows are bad; row 9 was in the skipped shard (rows 0-15)
     assert counters["skipped_rows/image/undecodable_image"] == 5
     assert counters["skipped_rows/image_text/undecodable_image"] == 9  # 96 rows
     assert counters["skipped_rows/text/empty_text"] == 6
-    assert counters["samples/image"] == 40 and counters["data_wait_s"] > 0
+    assert counters["samples/image"] == 48 and counters["epoch/image"] == 0
+    stream.close()
 
 
 def test_read_through_s3_endpoint(ray_cluster, moto_s3, tokenizer):
@@ -99,31 +99,8 @@ def test_read_through_s3_endpoint(ray_cluster, moto_s3, tokenizer):
         ],
     )
     data = build_train_data(config, tokenizer)
-    stream = MixedStream(data.spec, {"image_text": data.datasets["train_image_text"].iterator()})
-    batches = [next(stream) for _ in range(8)]  # 6 per epoch: the stream restarts once
+    stream = MixedStream(data.spec, rank=0, world=2)
+    batches = [next(stream) for _ in range(8)]  # 3 global batches of 16 an epoch: the third epoch begins
     assert all(b["kind"] == "image_text" and b["pixel_values"].shape == (8, 3, 64, 64) for b in batches)
-    assert stream.counters()["epoch/image_text"] == 1
-
-
-def test_file_order_reshuffles_every_epoch(ray_cluster, synthetic_root):
-    """With a seed the shard order changes per execution (= per epoch); without one it is the manifest's."""
-    uri = str(synthetic_root / "image_text")
-    entries = read_manifest(uri, StorageConfig()).shards
-
-    def shard_orders(seed):
-        ds = read_kind("image_text", uri, entries, StorageConfig(), shuffle_seed=seed).select_columns(["key"])
-        ds.context.execution_options.preserve_order = True
-        split = ds.streaming_split(1, equal=True)[0]
-        orders = []
-        for _ in range(4):
-            keys = np.concatenate([b["key"] for b in split.iter_batches(batch_format="numpy")])
-            orders.append(
-                tuple(dict.fromkeys(int(k.split("-")[-1]) // 24 for k in keys))
-            )  # 24 rows per shard
-        return orders
-
-    fixed = shard_orders(None)
-    assert set(fixed) == {(0, 1, 2, 3)}
-    shuffled = shard_orders(7)
-    assert all(sorted(o) == [0, 1, 2, 3] for o in shuffled)
-    assert len(set(shuffled)) > 1
+    assert stream.counters()["epoch/image_text"] == 2
+    stream.close()

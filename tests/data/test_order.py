@@ -60,3 +60,13 @@ def test_shuffling_is_real_within_windows_and_across_shards():
     assert len({s for s, _ in keys(o.rows_of_batch(0))}) > 1  # a batch mixes shards (its partitions')
     # the shard order itself changes with the epoch
     assert any(not np.array_equal(order(epoch=e).shard_order, o.shard_order) for e in range(1, 4))
+
+
+def test_batches_count_on_through_epochs():
+    from pipeline.data.order import DataOrder, KindSource
+
+    source = KindSource("text", 2, "/d", ("a", "b"), (20, 13), "id")  # 33 rows: 4 batches of 8 an epoch
+    layout = DataOrder({"text": source}, global_rows=8, partitions=1, shuffle_window=8, seed=0)
+    assert layout.order("text", 0).batches == 4
+    assert layout.batches("text", 0, 0, 6) == [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0), (1, 1)]
+    assert layout.batches("text", 0, 9, 2) == [(2, 1), (2, 2)]

@@ -36,11 +36,24 @@ def test_a_source_error_is_raised_where_the_item_is_taken():
 
 
 def test_it_reads_ahead_only_depth_items_and_close_ends_the_source():
+    """Event-driven: the source says when each item is asked for; no sleeping on a loaded machine."""
     closed = threading.Event()
-    reader = ReadAhead(counting(1000, closed=closed), depth=3)
-    time.sleep(0.3)
-    assert reader._queue.qsize() == 3  # bounded: the thread waits for the consumer
+    asked = [threading.Event() for _ in range(6)]
+
+    def source():
+        try:
+            for i in range(1000):
+                if i < len(asked):
+                    asked[i].set()
+                yield i
+        finally:
+            closed.set()
+
+    reader = ReadAhead(source(), depth=3)
+    assert asked[3].wait(5)  # items 0-2 queued, item 3 held by the thread until there is room
+    assert not asked[4].wait(0.3)  # bounded: nothing more is read while the consumer takes nothing
     assert reader.get() == 0
+    assert asked[4].wait(5)  # one taken, one more read
     reader.close()
     assert closed.wait(5) and not reader._thread.is_alive()
 

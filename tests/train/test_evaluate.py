@@ -49,3 +49,17 @@ def test_objective_formula():
     assert objective(metrics, 100, 8192) == pytest.approx((0.5 + 1.0 + 0.6) / 3)
     assert objective({"val/image/mim": 0.0}, 100, 8192) == 0.0  # only the terms whose data exists
     assert math.isnan(objective({}, 100, 8192))
+
+
+def test_recall_differs_by_direction_and_r5_misses_a_caption_ranked_eighth():
+    """8 pairs with hand-set similarities S[image, text]: image 0 ranks its own caption last; image 2
+    prefers caption 3, which also prefers image 2 over image 3."""
+    sim = torch.eye(8)
+    sim[0, 0] = 0.05
+    sim[0, 1:] = 0.4 + 0.01 * torch.arange(1, 8)
+    sim[2, 3] = 2.0
+    m = retrieval_metrics(torch.eye(8), sim.T.contiguous(), torch.arange(8)[:, None])  # image_i . text_j
+    assert m["val/retrieval/i2t_r1"] == 6 / 8  # images 0 and 2 miss
+    assert m["val/retrieval/i2t_r5"] == 7 / 8  # image 0's caption is 8th of 8
+    assert m["val/retrieval/t2i_r1"] == 7 / 8  # text 3 finds image 2 first
+    assert m["val/retrieval/t2i_r5"] == 1.0

@@ -47,6 +47,34 @@ def test_small_alpha_pushes_mass_to_the_corners():
     assert np.mean([max(r.values()) for r in sparse]) > np.mean([max(r.values()) for r in flat]) + 0.2
 
 
+def test_regmix_draws_centre_on_the_natural_share_with_log_uniform_concentration():
+    natural = [0.6, 0.3, 0.1]
+    domain = Simplex(["image_text", "image", "text"], natural=natural, concentration=(0.3, 30.0))
+    alphas = domain.alphas(np.random.default_rng(0), 4000)
+    assert np.allclose(alphas / alphas.sum(1, keepdims=True), natural)  # every draw aims at the share
+    log_c = np.log(alphas.sum(1))
+    assert log_c.min() >= np.log(0.3) and log_c.max() <= np.log(30.0)
+    # log-uniform: each quarter of the log range holds about a quarter of the draws
+    quarters = np.histogram(log_c, bins=4, range=(np.log(0.3), np.log(30.0)))[0] / len(log_c)
+    assert np.allclose(quarters, 0.25, atol=0.03)
+    draws = np.array([list(r.values()) for r in domain.sample(size=3000, random_state=1)])
+    assert np.allclose(draws.mean(0), natural, atol=0.03)  # a Dirichlet's mean is its normalised alpha
+    assert (draws.max(1) > 0.95).mean() > 0.1  # near-corner mixtures
+    assert (np.abs(draws - natural).sum(1) < 0.2).mean() > 0.1  # near-natural ones
+
+
+def test_regmix_space_takes_the_natural_share_from_the_manifests(tmp_path):
+    from pipeline.config import StorageConfig
+    from pipeline.data.synthetic import write_synthetic_dataset
+
+    for kind, rows in (("image_text", 48), ("image", 32), ("text", 16)):
+        write_synthetic_dataset(str(tmp_path / kind), kind, rows, 2, 32, StorageConfig())
+    train = "{" + ", ".join(f"{k}: {tmp_path / k}" for k in ("image_text", "image", "text")) + "}"
+    domain = param_space(load_config(None, [f"data.train={train}", "tune.search=regmix"]))["ratios"]
+    assert np.allclose(domain.natural, [0.5, 1 / 3, 1 / 6])
+    assert "natural share" in domain.domain_str
+
+
 def test_kinds_left_out_are_pinned_at_zero():
     config = load_config(None, [THREE, "tune.kinds=[image_text, text]", "tune.num_samples=5"])
     swept, pinned = swept_kinds(config)
@@ -109,6 +137,7 @@ def test_random_space_samples_lr_from_the_choices():
         (["tune.search=bayes"], "tune.search"),
         (["tune.grid_steps=0", "tune.search=grid"], "grid_steps"),
         (["tune.dirichlet_alpha=0"], "dirichlet_alpha"),
+        (["tune.regmix_concentration_min=5", "tune.regmix_concentration_max=1"], "regmix_concentration_max"),
         (["tune.lr_choices=[0.001, -1]"], "lr_choices"),
         (["tune.num_samples=0"], "num_samples"),
     ],

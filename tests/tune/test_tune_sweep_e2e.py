@@ -42,7 +42,7 @@ def sweep_overrides(demo: Path, work: Path) -> list[str]:
         f"data.train={splits['train']}",
         f"data.val={splits['val']}",
         "data.batch_size=4",
-        "data.shuffle_buffer=16",
+        "data.shuffle_window=16",
         "model.preset=tiny",
         f"train.steps={STEPS}",
         "train.val_every=2",
