@@ -96,8 +96,13 @@ def read_rows(
     tables, index = [], np.empty(len(rows), dtype=np.int64)
     read = 0
     for shard in np.unique(shards):
-        fs, path = storage.resolve(storage.join(source.uri, source.files[shard]), storage_cfg)
-        with fs.open_input_file(path) as f:
+        uri = storage.join(source.uri, source.files[shard])
+        fs, path = storage.resolve(uri, storage_cfg)
+        try:
+            f = fs.open_input_file(path)
+        except OSError as e:  # storage gone after its retries: say which file, not only the client's error
+            raise OSError(f"cannot read {uri}: {e}") from e
+        with f:
             parquet = pq.ParquetFile(f)
             sizes = np.array([parquet.metadata.row_group(i).num_rows for i in range(parquet.num_row_groups)])
             starts = np.concatenate([[0], np.cumsum(sizes)])
@@ -279,7 +284,8 @@ class KindReader:
             batch_format="numpy",
         )
         ds.context.execution_options.preserve_order = True  # the epochs' order is the tasks' order
-        ds.context.enable_progress_bars = False  # an actor's bars only fill the job log (and cost CPU)
+        ds.context.enable_progress_bars = False  # bars in a worker only fill the job log (and cost CPU)
+        ds.context.raise_original_map_exception = True  # the read error itself, not "UDF failed"
         if _IdleBackoff not in ds.context.custom_execution_callback_classes:
             ds.context.custom_execution_callback_classes.append(_IdleBackoff)
         blocks = ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=self.prefetch_blocks)

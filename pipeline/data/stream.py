@@ -45,6 +45,10 @@ class DataStallError(RuntimeError):
     ``train.max_failures``) instead of waiting on storage that does not answer."""
 
 
+class DataReadError(OSError):
+    """A read of a dataset failed (after the storage client's and Ray's retries); names the dataset."""
+
+
 class ReadAhead:
     """Items of ``source`` (a kind's ``(epoch, batch, rows)``), pulled by a daemon thread up to ``depth``
     ahead, so that the kind's next epoch starts while queued batches still train; a source error is raised
@@ -93,6 +97,9 @@ class ReadAhead:
                     f"no batch from {self._source_name} within {self._stall_timeout_s:g} s "
                     "(data.stall_timeout_s): is its storage reachable?"
                 ) from None
+        if isinstance(item, Exception):  # named after the dataset: Ray Data's wrapping ends in a hint
+            first = next((line for line in str(item).splitlines() if line.strip()), type(item).__name__)
+            raise DataReadError(f"reading {self._source_name} failed: {first}") from item
         if isinstance(item, BaseException):
             raise item
         return item

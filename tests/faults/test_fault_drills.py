@@ -102,12 +102,14 @@ def test_s3_that_stays_away_ends_the_run_with_a_clear_error_in_bounded_time(ws, 
     assert "NETWORK_CONNECTION" in result.details["message"] or "S3" in result.details["message"]
 
 
-def test_s3_data_that_stays_away_ends_the_run_at_the_stall_timeout(ws, flaky_s3):
-    """Checkpoints local, so only data reads meet the outage, and Ray Data retries those for minutes."""
+def test_s3_data_that_stays_away_ends_the_run_with_an_error_naming_the_dataset(ws, flaky_s3):
+    """Checkpoints local, so only data reads meet the outage: a read that fails after the S3 client's
+    retries (DataReadError) or one that hangs past data.stall_timeout_s (DataStallError) ends the run,
+    naming the dataset's URI."""
     result = storage_faults.s3_gone(ws, flaky_s3, stall_timeout_s=20, bound_s=180, checkpoints_on_s3=False)
     assert result.passed, result
-    assert "DataStallError" in result.details["message"] and "s3://" in result.details["message"], result
-    assert result.recover_s >= 2 * 20  # the first stall and the restart's: max_failures=1
+    message = result.details["message"]
+    assert ("DataReadError" in message or "DataStallError" in message) and "s3://" in message, result
 
 
 @pytest.fixture(scope="module")
