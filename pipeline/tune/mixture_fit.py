@@ -123,8 +123,8 @@ def fit_mixture(
     candidates: int = 100_000,
     top_k: int = 100,
     seed: int = 0,
-) -> tuple[MixtureFit, object, np.ndarray, np.ndarray]:
-    """(the fit, the fitted regressor, its leave-one-out predictions of the trials, the scored candidates:
+) -> tuple[MixtureFit, np.ndarray, np.ndarray]:
+    """(the fit, its held-out predictions of the trials, the scored candidates:
     weights in columns ``[:, :k]``, predicted objective in the last)."""
     from scipy.stats import spearmanr
     from sklearn.model_selection import KFold, LeaveOneOut, cross_val_predict
@@ -159,7 +159,7 @@ def fit_mixture(
         candidates=len(pool),
         top_k=top_k,
     )
-    return fit, fitted, loo, np.column_stack([pool, predicted])
+    return fit, loo, np.column_stack([pool, predicted])
 
 
 FIT_DIR = "mixture_fit"  # beside the sweep's trials.csv, and the artifact folder in the sweep's parent run
@@ -209,7 +209,7 @@ def run_fit(
             )
     text = storage.read_bytes(csv_uri, storage_cfg).decode()
     trials = read_trials(text, csv_uri)
-    fit, _, loo, scored = fit_mixture(trials, model, mode, candidates, top_k, seed)
+    fit, loo, scored = fit_mixture(trials, model, mode, candidates, top_k, seed)
     config = recommended_config(storage.read_bytes(best_uri, storage_cfg), fit)
     files = {
         "mixture_fit.json": json.dumps(fit.to_json(), indent=2).encode(),

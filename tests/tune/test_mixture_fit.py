@@ -33,7 +33,7 @@ def sampled_trials(n: int, noise: float, seed: int = 1) -> Trials:
 
 def test_the_fit_recovers_the_optimum_of_a_known_objective():
     trials = sampled_trials(40, noise=0.005)
-    fit, _, _, _ = fit_mixture(trials, candidates=20_000, top_k=50)
+    fit, _, _ = fit_mixture(trials, candidates=20_000, top_k=50)
     found = np.array([fit.recommended[s] for s in SOURCES])
     assert np.abs(found - OPTIMUM).sum() < 0.1, found
     assert fit.cv_spearman > 0.9
@@ -44,7 +44,7 @@ def test_the_fit_recovers_the_optimum_of_a_known_objective():
 
 
 def test_the_boosted_trees_fit_finds_the_same_region():
-    fit, _, _, _ = fit_mixture(sampled_trials(150, noise=0.005), model="gbm", candidates=20_000, top_k=200)
+    fit, _, _ = fit_mixture(sampled_trials(150, noise=0.005), model="gbm", candidates=20_000, top_k=200)
     assert fit.cv == "10-fold"
     found = np.array([fit.recommended[s] for s in SOURCES])
     assert np.abs(found - OPTIMUM).sum() < 0.3, found
@@ -54,7 +54,7 @@ def test_the_boosted_trees_fit_finds_the_same_region():
 def test_a_fit_on_noise_says_so_by_its_rank_correlation():
     trials = sampled_trials(40, noise=0.0)
     trials.objective = np.random.default_rng(7).normal(size=40)  # unrelated to the weights
-    fit, _, _, _ = fit_mixture(trials, candidates=5_000)
+    fit, _, _ = fit_mixture(trials, candidates=5_000)
     assert fit.cv_spearman < 0.5
 
 
