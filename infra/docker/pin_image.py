@@ -5,8 +5,8 @@ from, so a node never runs stale or mixed code under a reused tag.
 
 Prints the image reference to build and push, and writes it into the overlay's one ``images:`` entry
 (``flava-ray``). The working tree must be clean (the image is built from it), except infra/k8s, which
-is not in the build context: the rewritten kustomizations do not change the image. With ``--digest`` (after the
-push) the overlay references the pushed image by its digest instead of its tag.
+is not in the build context: the rewritten kustomizations do not change the image. With ``--digest``
+(after the push) the overlay references the pushed image by its digest instead of its tag.
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--digest", default="", help="sha256:... of the pushed image")
     args = parser.parse_args(argv)
     kustomization = args.overlay / "kustomization.yaml"
-    current = re.search(rf"newTag: \S+-(cpu|gpu)\b", kustomization.read_text())
+    current = re.search(r"newTag: \S+-(cpu|gpu)\b", kustomization.read_text())
     if current is None:
         raise SystemExit(f"pin_image: {kustomization} names no -cpu or -gpu tag for {IMAGE}")
     if args.digest and not re.fullmatch(r"sha256:[0-9a-f]{64}", args.digest):

@@ -1,9 +1,10 @@
 """The Kubernetes tracking setup on this machine: a real PostgreSQL server and ``mlflow server --app-name
 basic-auth`` on it (``pipeline.drills.tracking_server``). A job submitted to the token-auth ``ray start
 --head``, whose processes hold the MLflow user's credentials in their environment as the pods get them from
-Secrets, logs its run through authentication; a wrong or missing password stops ``jobs/pretrain.py`` before
+Secrets, logs its run through authentication; a wrong password stops ``jobs/pretrain.py`` before
 training; and no credential (MLflow user and admin, database, S3, Ray token, Flask key) reaches a log, an
-MLflow param, tag or artifact, or the run's storage. One PostgreSQL and one MLflow server for the module."""
+MLflow param, tag or artifact, the run's storage, or the servers' logs. One PostgreSQL and one MLflow
+server for the module."""
 
 from __future__ import annotations
 
@@ -53,22 +54,22 @@ def overrides(ws: Workspace, server: AuthTrackingServer, name: str) -> list[str]
     return [*ws.overrides(name), f"mlflow.tracking_uri={server.url}", "train.steps=4", "data.batch_size=8"]
 
 
-@pytest.mark.parametrize("credentials", ["wrong password", "none"])
-def test_a_job_without_valid_credentials_stops_before_training(server, ws, credentials):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_")}
+def test_a_wrong_password_stops_the_job_before_training(server, ws):
+    """``jobs/pretrain.py`` on this machine (no Ray address: it would start a local Ray after its checks)."""
     wrong = f"wrong-p@ss-{uuid.uuid4().hex}"
-    if credentials == "wrong password":
-        env.update(MLFLOW_TRACKING_USERNAME="drill", MLFLOW_TRACKING_PASSWORD=wrong)
-    env.pop("RAY_ADDRESS", None)
-    name = f"no-auth-{credentials.replace(' ', '-')}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_") and k != "RAY_ADDRESS"}
+    env.update(MLFLOW_TRACKING_USERNAME="drill", MLFLOW_TRACKING_PASSWORD=wrong)
     args = [sys.executable, str(ROOT / "jobs/pretrain.py"), "--config", str(TINY_CONFIG)]
     done = subprocess.run(
-        [*args, *overrides(ws, server, name)], env=env, capture_output=True, text=True, timeout=300
+        [*args, *overrides(ws, server, "wrong-password")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     output = done.stdout + done.stderr
     assert done.returncode == 2, output[-3000:]
-    said = "user 'drill'" if credentials == "wrong password" else "no MLFLOW_TRACKING_USERNAME set"
-    assert f"rejects the credentials (HTTP 401, {said})" in done.stderr, output[-3000:]
+    assert "rejects the credentials (HTTP 401, user 'drill')" in done.stderr, output[-3000:]
     assert "Started a local Ray instance" not in output and not (ws.root / "runs").exists()
     assert wrong not in output
 
@@ -84,7 +85,7 @@ def test_a_submitted_job_logs_through_auth_and_no_credential_leaks(
     client = MlflowClient(server.url)
     (run,) = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
     assert run.info.status == "FINISHED" and run.data.params["mlflow.tracking_uri"] == server.url
-    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/loss")][-1] == 4
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "train/lr")] == [1, 2, 3, 4]
 
     secrets = {k: v for k, v in ray_head.extra_env.items() if k != "MLFLOW_TRACKING_USERNAME"}
     secrets |= {
