@@ -716,12 +716,16 @@ def test_network_policies_deny_by_default_and_allow_what_each_pod_needs(name):
         assert connects(policies, a.labels, mlflow.labels, 5000), f"{name}: {a.where} cannot reach MLflow"
         for b in ray:
             same = a.labels["flava-ray/cluster"] == b.labels["flava-ray/cluster"]
-            for port in (6379, 8265, 10001):
-                assert connects(policies, a.labels, b.labels, port) == same, (
-                    f"{name}: {a.where} -> {b.where}:{port} {'blocked' if same else 'open'}"
+            for port in (6379, 8265, 10001):  # each side on its own: egress and ingress both guard
+                sides = (allowed(policies, "Egress", a.labels, b.labels, port),
+                         allowed(policies, "Ingress", b.labels, a.labels, port))  # fmt: skip
+                assert sides == (same, same), (
+                    f"{name}: {a.where} -> {b.where}:{port} (egress, ingress) {sides}"
                 )
         assert not connects(policies, a.labels, postgres, 5432), f"{name}: {a.where} reaches the database"
-        assert not connects(policies, mlflow.labels, a.labels, 8265), f"{name}: MLflow reaches {a.where}"
+        assert not allowed(policies, "Ingress", a.labels, mlflow.labels, 8265), (
+            f"{name}: MLflow reaches {a.where}"
+        )
     assert connects(policies, mlflow.labels, postgres, 5432), f"{name}: MLflow cannot reach its database"
 
 
