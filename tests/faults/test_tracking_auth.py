@@ -33,14 +33,11 @@ def postgres():
 
 
 @pytest.fixture(scope="module")
-def server(postgres, ray_head, tmp_path_factory):
-    """The server, with the user whose credentials the Ray cluster's processes hold."""
+def server(postgres, tmp_path_factory):
     root = tmp_path_factory.mktemp("mlflow-auth")
     backend, auth = postgres.create_database("mlflow"), postgres.create_database("mlflow_auth")
     admin, flask_key = f"admin-p@ss-{uuid.uuid4().hex}", uuid.uuid4().hex
     with AuthTrackingServer(root, backend, auth, admin, flask_key) as srv:
-        env = ray_head.extra_env
-        srv.create_user(env["MLFLOW_TRACKING_USERNAME"], env["MLFLOW_TRACKING_PASSWORD"])
         yield srv
 
 
@@ -58,7 +55,7 @@ def test_a_wrong_password_stops_the_job_before_training(server, ws):
     """``jobs/pretrain.py`` on this machine (no Ray address: it would start a local Ray after its checks)."""
     wrong = f"wrong-p@ss-{uuid.uuid4().hex}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_") and k != "RAY_ADDRESS"}
-    env.update(MLFLOW_TRACKING_USERNAME="drill", MLFLOW_TRACKING_PASSWORD=wrong)
+    env.update(MLFLOW_TRACKING_USERNAME="drill", MLFLOW_TRACKING_PASSWORD=wrong)  # no such user, or not so
     args = [sys.executable, str(ROOT / "jobs/pretrain.py"), "--config", str(TINY_CONFIG)]
     done = subprocess.run(
         [*args, *overrides(ws, server, "wrong-password")],
@@ -77,11 +74,13 @@ def test_a_wrong_password_stops_the_job_before_training(server, ws):
 def test_a_submitted_job_logs_through_auth_and_no_credential_leaks(
     server, postgres, ray_head, ws, monkeypatch
 ):
+    user, password = (ray_head.extra_env[f"MLFLOW_TRACKING_{k}"] for k in ("USERNAME", "PASSWORD"))
+    server.create_user(user, password)  # the user whose credentials the Ray cluster's processes hold
     job = f"auth-{ws.tag}"
     job_faults.submit(ray_head, job, overrides(ws, server, "auth"), wait=True)
 
-    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", ray_head.extra_env["MLFLOW_TRACKING_USERNAME"])
-    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", ray_head.extra_env["MLFLOW_TRACKING_PASSWORD"])
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", user)
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", password)
     client = MlflowClient(server.url)
     (run,) = client.search_runs([client.get_experiment_by_name(EXPERIMENT).experiment_id])
     assert run.info.status == "FINISHED" and run.data.params["mlflow.tracking_uri"] == server.url
