@@ -65,7 +65,7 @@ class Postgres:
         self.port = free_port()
         self._run(
             "initdb", "-D", str(self.root / "data"), "-U", self.USER, f"--pwfile={pwfile}",
-            "--auth-local=trust", "--auth-host=scram-sha-256", "-E", "UTF8",
+            "--auth-local=trust", "--auth-host=scram-sha-256", "-E", "UTF8", "--no-locale",
         )  # fmt: skip
         pwfile.unlink()
         options = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1"

@@ -72,8 +72,9 @@ def environment_params(root: Path) -> dict[str, str]:
 
 def check_access(uri: str, experiment: str) -> None:
     """Pre-flight on the driver: a tracking server (``http(s)://``) answers and accepts the credentials of
-    ``MLFLOW_TRACKING_USERNAME``/``MLFLOW_TRACKING_PASSWORD`` (a basic-auth server answers 401 otherwise), so
-    that a wrong or missing password stops the job before any worker starts. Raises ``PermissionError``
+    ``MLFLOW_TRACKING_USERNAME``/``MLFLOW_TRACKING_PASSWORD`` (a basic-auth server answers 401 otherwise)
+    and lets them read the experiment (403), so that a wrong password stops the job before any worker
+    starts. Raises ``PermissionError``
     (credentials) or ``ConnectionError`` (anything else), with the URI redacted."""
     if not uri.startswith(("http://", "https://")):
         return
@@ -83,12 +84,17 @@ def check_access(uri: str, experiment: str) -> None:
         MlflowClient(uri).get_experiment_by_name(experiment)
     except MlflowException as e:
         status = e.get_http_status_code()
-        if status in (401, 403):
-            user = os.environ.get("MLFLOW_TRACKING_USERNAME", "")
-            who = f"user {user!r}" if user else "no MLFLOW_TRACKING_USERNAME set"
+        user = os.environ.get("MLFLOW_TRACKING_USERNAME", "")
+        who = f"user {user!r}" if user else "no MLFLOW_TRACKING_USERNAME set"
+        if status == 401:
             raise PermissionError(
-                f"the MLflow server at {redact_uri(uri)} rejects the credentials (HTTP {status}, {who}): "
+                f"the MLflow server at {redact_uri(uri)} rejects the credentials (HTTP 401, {who}): "
                 "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD in the environment"
+            ) from None
+        if status == 403:
+            raise PermissionError(
+                f"the MLflow server at {redact_uri(uri)} denies {who} the experiment {experiment!r} "
+                "(HTTP 403): ask its admin for a permission on it, or use another mlflow.experiment"
             ) from None
         raise ConnectionError(
             f"the MLflow server at {redact_uri(uri)} failed: {redact_uri(str(e))}"

@@ -840,3 +840,32 @@ def test_ignore_files_keep_credentials_out_of_uploads_and_images():
         patterns = {line.strip().removeprefix("**/") for line in (ROOT / ignore).read_text().splitlines()}
         missing = {".env", "*.pem", "*.key", "*credentials*"} - patterns
         assert not missing, f"{ignore} does not exclude {missing}"
+
+
+def test_the_deletion_rules_component_deletes_workers_first(tmp_path, crd_validators):
+    """infra/k8s/components/deletion-rules on cpu-smoke: valid RayJobs (KubeRay's CRD) that delete the
+    workers when the job ends, whatever its status, and the head later; no TTL beside the rules."""
+    import os
+    import subprocess
+
+    here = os.path.relpath(ROOT / "infra" / "k8s", tmp_path)
+    (tmp_path / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+        f"resources: [{here}/overlays/cpu-smoke]\ncomponents: [{here}/components/deletion-rules]\n"
+    )
+    done = subprocess.run(
+        ["kubectl", "kustomize", str(tmp_path)], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    jobs = [d for d in yaml.safe_load_all(done.stdout) if d and d["kind"] == "RayJob"]
+    assert len(jobs) == 2
+    for job in jobs:
+        errors = list(crd_validators["RayJob"].iter_errors(job))
+        assert not errors, [e.message[:200] for e in errors]
+        spec = job["spec"]
+        assert spec["shutdownAfterJobFinishes"] is False and "ttlSecondsAfterFinished" not in spec
+        rules = {(r["condition"]["jobStatus"], r["policy"]): r["condition"]["ttlSeconds"] for r in
+                 spec["deletionStrategy"]["deletionRules"]}  # fmt: skip
+        for status in ("SUCCEEDED", "FAILED"):
+            assert rules[(status, "DeleteWorkers")] == 0 < rules[(status, "DeleteCluster")], rules
+        assert not spec["rayClusterSpec"].get("enableInTreeAutoscaling"), "KubeRay: no DeleteWorkers then"
