@@ -117,6 +117,7 @@ class AuthTrackingServer:
     from the environment and a ``basic_auth.ini`` file (Secrets there), never from the command line."""
 
     ADMIN = "admin"
+    START_TIMEOUT_S = 600  # the first start migrates both databases: 1-2 min on 2 busy cores
 
     def __init__(self, root: Path, backend_uri: str, auth_uri: str, admin_password: str, flask_key: str):
         self.root = Path(root)
@@ -160,7 +161,7 @@ class AuthTrackingServer:
         self._proc = subprocess.Popen(
             command, env=env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
         )
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + self.START_TIMEOUT_S
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
                 raise RuntimeError(f"mlflow server exited {self._proc.returncode}:\n{self.log()[-3000:]!r}")
@@ -169,7 +170,9 @@ class AuthTrackingServer:
                     return self
             time.sleep(0.5)
         self.__exit__()
-        raise TimeoutError(f"mlflow server not healthy within 120 s:\n{self.log()[-3000:]!r}")
+        raise TimeoutError(
+            f"mlflow server not healthy within {self.START_TIMEOUT_S} s:\n{self.log()[-3000:]!r}"
+        )
 
     def create_user(self, username: str, password: str) -> None:
         """A user through the auth app's REST API, as the admin."""
@@ -182,7 +185,8 @@ class AuthTrackingServer:
         response.raise_for_status()
 
     def log(self) -> bytes:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_bytes()
 
     def __exit__(self, *exc) -> None:

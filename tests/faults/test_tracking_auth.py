@@ -51,8 +51,10 @@ def overrides(ws: Workspace, server: AuthTrackingServer, name: str) -> list[str]
     return [*ws.overrides(name), f"mlflow.tracking_uri={server.url}", "train.steps=4", "data.batch_size=8"]
 
 
-def test_a_wrong_password_stops_the_job_before_training(server, ws):
-    """``jobs/pretrain.py`` on this machine (no Ray address: it would start a local Ray after its checks)."""
+def test_a_wrong_password_stops_the_job_before_training(server, tmp_path):
+    """``jobs/pretrain.py`` on this machine (no Ray address: it would start a local Ray after its checks).
+    The data paths lead nowhere: the credentials are checked first, and the data would fail second."""
+    ws = Workspace(tmp_path, tmp_path / "no-shards")
     wrong = f"wrong-p@ss-{uuid.uuid4().hex}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_TRACKING_") and k != "RAY_ADDRESS"}
     env.update(MLFLOW_TRACKING_USERNAME="drill", MLFLOW_TRACKING_PASSWORD=wrong)  # no such user, or not so
