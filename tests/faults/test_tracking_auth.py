@@ -64,7 +64,7 @@ def test_a_wrong_password_stops_the_job_before_training(server, tmp_path):
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=900,  # imports alone take minutes on a busy 2-core machine
     )
     output = done.stdout + done.stderr
     assert done.returncode == 2, output[-3000:]
