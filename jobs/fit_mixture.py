@@ -13,7 +13,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.config import parse_cli  # noqa: E402
+from pipeline.config import parse_cli, redact_uri  # noqa: E402
 
 
 def _flags(parser) -> None:
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     print(format_fit(fit))
     for what, uri in where.items():
-        print(f"fit_mixture: {what}: {uri}")
+        print(f"fit_mixture: {what}: {redact_uri(uri)}")
     return 0
 
 

@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipeline.cluster import init_ray  # noqa: E402
-from pipeline.config import ConfigError, dump_config, parse_cli  # noqa: E402
+from pipeline.config import ConfigError, dump_config, parse_cli, redact_uri  # noqa: E402
 
 
 def parse(argv: list[str] | None = None):
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(
         f"pretrain: done, {result.metrics.get('step', '?')} steps; MLflow run {result.mlflow_run_id} at "
-        f"{result.tracking_uri}"
+        f"{redact_uri(result.tracking_uri)}"
     )
     print(f"pretrain: checkpoints under {result.run_dir}")
     print(f"pretrain: exported model (transformers layout): {result.exported_model or 'not exported'}")

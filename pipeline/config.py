@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -401,9 +402,23 @@ def validate(config: Config) -> Config:
         checks = _Checks(f.name, section)
         section.check(checks)
         problems += checks.problems
+    problems += [
+        f"{key}: user:password@ in a URI would travel with the config (Ray keeps it in its experiment "
+        "state on storage); pass credentials through the environment (MLFLOW_TRACKING_USERNAME/"
+        "MLFLOW_TRACKING_PASSWORD, AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)"
+        for key in _keys_with_userinfo(to_dict(config))
+    ]
     if problems:
         raise ConfigError("; ".join(problems))
     return config
+
+
+def _keys_with_userinfo(tree: Any, key: str = "") -> list[str]:
+    if isinstance(tree, dict):
+        return [k for name, v in tree.items() for k in _keys_with_userinfo(v, f"{key}.{name}".lstrip("."))]
+    if isinstance(tree, list):
+        return [k for v in tree for k in _keys_with_userinfo(v, key)]
+    return [key] if isinstance(tree, str) and _URI_USERINFO.search(tree) else []
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
@@ -490,8 +505,36 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return validate(_build(Config, tree))
 
 
+REDACTED = "***redacted***"
+_SECRET_KEY = re.compile(
+    r"secret|password|passwd|credential|api_key|access_key|private_key|(^|_)token$", re.I
+)
+# userinfo runs to the last "@" before the path, so that a password holding "@" is masked whole
+_URI_USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/\s]+@", re.I)
+
+
+def redact_uri(text: str) -> str:
+    """``text`` with the ``user:password@`` of every URI in it masked."""
+    return _URI_USERINFO.sub(rf"\g<scheme>{REDACTED}@", text)
+
+
+def redact(tree: Any, key: str = "") -> Any:
+    """A config tree with secrets masked: secret-looking keys, and user:password@ inside URIs."""
+    if isinstance(tree, dict):
+        return {k: redact(v, str(k)) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [redact(v, key) for v in tree]
+    if _SECRET_KEY.search(key) and tree not in ("", None):
+        return REDACTED
+    if isinstance(tree, str):
+        return redact_uri(tree)
+    return tree
+
+
 def dump_config(config: Config) -> str:
-    return yaml.safe_dump(to_dict(config), sort_keys=False)
+    """The config as YAML, redacted: every printed or written config (``--dry-run``, ``best_config.yaml``,
+    ``recommended_config.yaml``, MLflow's ``config/resolved.yaml``) goes through here."""
+    return yaml.safe_dump(redact(to_dict(config)), sort_keys=False)
 
 
 def parse_cli(

@@ -1,8 +1,14 @@
 from __future__ import annotations
 
-import pytest
+import ast
+import inspect
+import re
+from pathlib import Path
 
-from pipeline.config import Config, ConfigError, dump_config, load_config, parse_cli
+import pytest
+import yaml
+
+from pipeline.config import REDACTED, Config, ConfigError, dump_config, load_config, parse_cli, redact_uri
 
 
 def write(tmp_path, text: str):
@@ -198,3 +204,59 @@ def test_every_problem_is_reported_at_once():
     with pytest.raises(ConfigError) as error:
         load_config(None, ["train.steps=0", "data.batch_size=0"])
     assert "train.steps" in str(error.value) and "data.batch_size" in str(error.value)
+
+
+# a password holding "@" (as a generated one may): userinfo runs to the last "@" before the host
+LEAKY = {
+    "mlflow.tracking_uri": "http://trainer:p@ss@w0rd@mlflow.example:5000",
+    "storage.s3_endpoint_url": "http://minio:s3cr3t@minio:9000",
+    "train.storage_path": "s3://AKEXAMPLE:sk@bucket/runs",
+}
+
+
+def _leaky_config() -> Config:
+    """A config with credentials in URIs, built directly (loading refuses them, see below)."""
+    config = Config()
+    config.mlflow.tracking_uri = LEAKY["mlflow.tracking_uri"]
+    config.storage.s3_endpoint_url = LEAKY["storage.s3_endpoint_url"]
+    config.train.storage_path = LEAKY["train.storage_path"]
+    return config
+
+
+def test_dump_config_redacts_userinfo_even_with_at_in_the_password():
+    text = dump_config(_leaky_config())
+    for secret in ("p@ss", "w0rd", "s3cr3t", "AKEXAMPLE", ":sk@"):
+        assert secret not in text, f"{secret} in dumped config"
+    loaded = yaml.safe_load(text)
+    assert loaded["mlflow"]["tracking_uri"] == f"http://{REDACTED}@mlflow.example:5000"
+    assert loaded["train"]["storage_path"] == f"s3://{REDACTED}@bucket/runs"
+    assert redact_uri("see https://a:b@c@h/x?q=u@v") == f"see https://{REDACTED}@h/x?q=u@v"
+
+
+@pytest.mark.parametrize("key", sorted(LEAKY))
+def test_userinfo_in_a_uri_is_refused_at_load(key):
+    """What Ray Train/Tune keep of a config (trainer and tuner state on storage) is not redacted, and
+    best_config.yaml / recommended_config.yaml are re-read with this check: credentials come from the
+    environment only."""
+    with pytest.raises(ConfigError, match=rf"{re.escape(key)}: user:password@ in a URI.*environment"):
+        load_config(None, [f"{key}={LEAKY[key]}"])
+
+
+def test_every_yaml_the_code_writes_goes_through_dump_config():
+    """best_config.yaml (sweep), recommended_config.yaml (mixture fit), MLflow's config/resolved.yaml and
+    every --dry-run print are dump_config's output: no other YAML dumper in pipeline/ or jobs/."""
+    root = Path(__file__).resolve().parents[1]
+    dumpers = []
+    for path in [*root.joinpath("pipeline").rglob("*.py"), *root.joinpath("jobs").glob("*.py")]:
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if (
+                isinstance(node, ast.Attribute)
+                and node.attr in ("safe_dump", "dump", "dump_all")
+                and isinstance(node.value, ast.Name)
+                and node.value.id == "yaml"
+            ):
+                dumpers.append(f"{path.relative_to(root)}:{node.lineno}")
+    dump_config_line = inspect.getsourcelines(dump_config)[1]
+    inside = [f"pipeline/config.py:{dump_config_line + i}" for i in range(5)]
+    assert len(dumpers) == 1 and dumpers[0] in inside, f"YAML written outside dump_config: {dumpers}"

@@ -121,13 +121,13 @@ def job_stop(ws: Workspace, head, s3: FlakyS3) -> DrillResult:
     return out
 
 
-def _text_files(root: Path, limit: int = 16 * 2**20):
+def text_files(root: Path, limit: int = 16 * 2**20):
     for path in sorted(root.rglob("*")):
         if path.is_file() and path.stat().st_size <= limit:
             yield path, path.read_bytes()
 
 
-def _mlflow_texts(tracking_uri: str, experiment: str, scratch: Path):
+def mlflow_texts(tracking_uri: str, experiment: str, scratch: Path):
     """(where, bytes) of everything MLflow holds for an experiment: params, tags, metric names, artifacts."""
     from mlflow.tracking import MlflowClient
 
@@ -139,11 +139,11 @@ def _mlflow_texts(tracking_uri: str, experiment: str, scratch: Path):
         yield f"mlflow:{rid}:tags", json.dumps(run.data.tags).encode()
         yield f"mlflow:{rid}:metrics", json.dumps(sorted(run.data.metrics)).encode()
         local = Path(client.download_artifacts(rid, "", str(scratch / rid)))
-        for path, data in _text_files(local):
+        for path, data in text_files(local):
             yield f"mlflow:{rid}:artifact:{path.relative_to(local)}", data
 
 
-def _storage_texts(uri: str, storage_cfg: StorageConfig):
+def storage_texts(uri: str, storage_cfg: StorageConfig):
     """(where, bytes) of the small files of a run's storage (checkpoint metadata, events, Ray's snapshots)."""
     fs, root = storage.resolve(uri, storage_cfg)
     for info in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
@@ -169,7 +169,7 @@ def secret_env() -> dict[str, str]:
         "AWS_ACCESS_KEY_ID": f"AKDRILL{mark[:12].upper()}",
         "AWS_SECRET_ACCESS_KEY": f"drill-aws-secret-{mark}",
         "MLFLOW_TRACKING_USERNAME": "drill",
-        "MLFLOW_TRACKING_PASSWORD": f"drill-mlflow-password-{mark}",
+        "MLFLOW_TRACKING_PASSWORD": f"drill-mlflow-p@ssword-{mark}",  # "@" as a generated one may hold
     }
 
 
@@ -187,9 +187,9 @@ def secrets_kept(ws: Workspace, head, s3: FlakyS3, jobs: list[str]) -> DrillResu
     runs = f"s3://{FlakyS3.BUCKET}/runs"
     sources = [
         ("ray job logs", job_logs.encode()),
-        *((f"ray log {p.relative_to(head.logs_dir)}", data) for p, data in _text_files(head.logs_dir)),
-        *_mlflow_texts(ws.tracking_uri, EXPERIMENT, ws.root / f"mlflow-scan-{uuid.uuid4().hex[:6]}"),
-        *_storage_texts(runs, s3.storage),
+        *((f"ray log {p.relative_to(head.logs_dir)}", data) for p, data in text_files(head.logs_dir)),
+        *mlflow_texts(ws.tracking_uri, EXPERIMENT, ws.root / f"mlflow-scan-{uuid.uuid4().hex[:6]}"),
+        *storage_texts(runs, s3.storage),
     ]
     found = leaked(secrets, sources)
     used = any(where.startswith("storage:") and "checkpoint_step" in where for where, _ in sources)

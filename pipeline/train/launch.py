@@ -82,7 +82,8 @@ def _check_dataset(split: str, kind: str, uri: str, config: Config, spec) -> Man
 
 def validate_inputs(config: Config) -> dict[str, Manifest]:
     """Pre-flight on the driver: ratios, every needed manifest (present, non-empty, consistent with the
-    model), the tokenizer. Returns the manifests by ``<split>/<kind>``; raises ``InputError``."""
+    model), the tokenizer, the MLflow server's answer to the job's credentials. Returns the manifests by
+    ``<split>/<kind>``; raises ``InputError``."""
     try:
         validate_ratios(config.data.ratios, [k for k, v in config.data.train.items() if v])
     except ValueError as e:
@@ -105,6 +106,10 @@ def validate_inputs(config: Config) -> dict[str, Manifest]:
             f"model.init_checkpoint has a {spec.text_vocab_size}-token text vocabulary, data.tokenizer "
             f"{text_vocab_size} (use the checkpoint's tokenizer)"
         )
+    try:
+        tracking.check_access(config.mlflow.tracking_uri, config.mlflow.experiment)
+    except (PermissionError, ConnectionError) as e:
+        raise InputError(f"mlflow.tracking_uri: {e}") from None
     manifests = {}
     for kind in active_kinds(config):
         manifests[f"train/{kind}"] = _check_dataset("train", kind, config.data.train[kind], config, spec)

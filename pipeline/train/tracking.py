@@ -12,43 +12,22 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import os
-import re
 import subprocess
 import time
 from pathlib import Path
-from typing import Any
 
-import yaml
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from pipeline.config import Config, MLflowConfig, to_dict
+from pipeline.config import Config, MLflowConfig, dump_config, redact, redact_uri, to_dict
 
 EXPORTED_MODEL_TAG = "flava.exported_model"
 
 log = logging.getLogger(__name__)
 
 RUN_KEY_TAG = "flava.run_key"  # <storage_path>/<run_name>: what "the same run" means
-REDACTED = "***redacted***"
-_SECRET_KEY = re.compile(
-    r"secret|password|passwd|credential|api_key|access_key|private_key|(^|_)token$", re.I
-)
-_URI_USERINFO = re.compile(r"(?P<scheme>[a-z][a-z0-9+.-]*://)[^/@\s]+@", re.I)
 _MAX_PARAM_LEN = 6000  # MLflow's limit on a param value (3.x)
 _BATCH = {"metrics": 1000, "params": 100}  # MLflow's per-call limits of log_batch
-
-
-def redact(tree: Any, key: str = "") -> Any:
-    """The config with secrets masked: secret-looking keys, and user:password@ inside URIs."""
-    if isinstance(tree, dict):
-        return {k: redact(v, str(k)) for k, v in tree.items()}
-    if isinstance(tree, list):
-        return [redact(v, key) for v in tree]
-    if _SECRET_KEY.search(key) and tree not in ("", None):
-        return REDACTED
-    if isinstance(tree, str):
-        return _URI_USERINFO.sub(rf"\g<scheme>{REDACTED}@", tree)
-    return tree
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
@@ -91,8 +70,39 @@ def environment_params(root: Path) -> dict[str, str]:
     return params
 
 
-def resolved_config_yaml(config: Config) -> str:
-    return yaml.safe_dump(redact(to_dict(config)), sort_keys=False)
+def check_access(uri: str, experiment: str) -> None:
+    """Pre-flight on the driver: a tracking server (``http(s)://``) answers and accepts the credentials of
+    ``MLFLOW_TRACKING_USERNAME``/``MLFLOW_TRACKING_PASSWORD`` (a basic-auth server answers 401 otherwise)
+    and lets them read the experiment (403), so that a wrong password stops the job before any worker
+    starts. Raises ``PermissionError``
+    (credentials) or ``ConnectionError`` (anything else), with the URI redacted."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    from mlflow.exceptions import MlflowException
+
+    try:
+        MlflowClient(uri).get_experiment_by_name(experiment)
+    except MlflowException as e:
+        status = e.get_http_status_code()
+        user = os.environ.get("MLFLOW_TRACKING_USERNAME", "")
+        who = f"user {user!r}" if user else "no MLFLOW_TRACKING_USERNAME set"
+        if status == 401:
+            raise PermissionError(
+                f"the MLflow server at {redact_uri(uri)} rejects the credentials (HTTP 401, {who}): "
+                "set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD in the environment"
+            ) from None
+        if status == 403:
+            raise PermissionError(
+                f"the MLflow server at {redact_uri(uri)} denies {who} the experiment {experiment!r} "
+                "(HTTP 403): ask its admin for a permission on it, or use another mlflow.experiment"
+            ) from None
+        raise ConnectionError(
+            f"the MLflow server at {redact_uri(uri)} failed: {redact_uri(str(e))}"
+        ) from None
+    except Exception as e:
+        raise ConnectionError(
+            f"the MLflow server at {redact_uri(uri)} is unreachable: {type(e).__name__}: {redact_uri(str(e))}"
+        ) from None
 
 
 def _experiment_id(client: MlflowClient, uri: str, name: str) -> str:
@@ -120,7 +130,7 @@ def find_or_create_run(
             log.warning(
                 "MLflow run %s from the checkpoint is not in %s (%s); starting a new run",
                 prior_run_id,
-                uri,
+                redact_uri(uri),
                 e,
             )
     experiment_id = _experiment_id(client, uri, cfg.experiment)
@@ -195,7 +205,7 @@ def start_run(config: Config, run_key: str, prior_run_id: str, params: dict[str,
     run_id = find_or_create_run(uri, config.mlflow, run_key, config.train.run_name, prior_run_id)
     tracker = Tracker(uri, run_id)
     tracker.log_params({**flatten(redact(to_dict(config))), **params})
-    tracker.log_text(resolved_config_yaml(config), "config/resolved.yaml")
+    tracker.log_text(dump_config(config), "config/resolved.yaml")
     return run_id
 
 

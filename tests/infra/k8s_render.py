@@ -17,7 +17,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "infra" / "k8s"
 DOCKERFILE = ROOT / "infra" / "docker" / "Dockerfile"
-KUSTOMIZATIONS = ("base", "overlays/cpu-smoke", "overlays/gpu")
+KUSTOMIZATIONS = ("base", "overlays/cpu-smoke", "overlays/gpu")  # the app: Ray clusters and MLflow
+DATABASE = "database"  # MLflow's PostgreSQL, applied apart from the app
 
 
 @functools.cache
@@ -46,12 +47,13 @@ def config_map(docs: tuple[dict, ...], name: str) -> dict:
 
 @dataclass
 class Pod:
-    """One pod template of a rendered resource; ``role`` is head, worker, submitter or server."""
+    """One pod template of a rendered resource; ``role`` is head, worker, submitter, server or database."""
 
     where: str
     role: str
     spec: dict
     replicas: int
+    labels: dict  # the pod's labels: its template's, and those KubeRay adds that policies select on
 
 
 def cluster_spec(doc: dict) -> dict | None:
@@ -64,18 +66,28 @@ def cluster_spec(doc: dict) -> dict | None:
 
 def pods(doc: dict) -> Iterator[Pod]:
     name = f"{doc['kind']}/{doc['metadata']['name']}"
-    if doc["kind"] == "Deployment":
-        yield Pod(name, "server", doc["spec"]["template"]["spec"], doc["spec"].get("replicas", 1))
+
+    def labels(template: dict, **added: str) -> dict:
+        return {**template.get("metadata", {}).get("labels", {}), **added}
+
+    if doc["kind"] in ("Deployment", "StatefulSet"):
+        role = "server" if doc["kind"] == "Deployment" else "database"
+        template = doc["spec"]["template"]
+        yield Pod(name, role, template["spec"], doc["spec"].get("replicas", 1), labels(template))
         return
     cluster = cluster_spec(doc)
     if cluster is None:
         return
-    yield Pod(f"{name} head", "head", cluster["headGroupSpec"]["template"]["spec"], 1)
+    head = cluster["headGroupSpec"]["template"]
+    yield Pod(f"{name} head", "head", head["spec"], 1, labels(head, **{"ray.io/node-type": "head"}))
     for group in cluster.get("workerGroupSpecs", []):
         where = f"{name} worker group {group['groupName']}"
-        yield Pod(where, "worker", group["template"]["spec"], group.get("replicas", 1))
+        template = group["template"]
+        node = {"ray.io/node-type": "worker"}
+        yield Pod(where, "worker", template["spec"], group.get("replicas", 1), labels(template, **node))
     if doc["kind"] == "RayJob" and "submitterPodTemplate" in doc["spec"]:
-        yield Pod(f"{name} submitter", "submitter", doc["spec"]["submitterPodTemplate"]["spec"], 1)
+        template = doc["spec"]["submitterPodTemplate"]
+        yield Pod(f"{name} submitter", "submitter", template["spec"], 1, labels(template))
 
 
 def quantity(value: str | int | float) -> float:
@@ -117,3 +129,10 @@ def dockerfile_args() -> dict[str, str]:
 
 def dockerfile_directive(name: str) -> list[str]:
     return re.findall(rf"^{name}\s+(.+?)\s*$", DOCKERFILE.read_text(), flags=re.M)
+
+
+def image_tag(name: str) -> str:
+    """The tag of the flava-ray image in infra/k8s/<name>'s own ``images:`` entry."""
+    kustomization = yaml.safe_load((K8S / name / "kustomization.yaml").read_text())
+    (entry,) = [i for i in kustomization.get("images", []) if i["name"] == "flava-ray"]
+    return entry["newTag"]

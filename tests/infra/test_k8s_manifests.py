@@ -10,6 +10,7 @@ import importlib.util
 import posixpath
 import re
 import shlex
+import shutil
 from functools import cache
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import kubernetes_validate
 import pytest
 import yaml
 from k8s_render import (
+    DATABASE,
     KUSTOMIZATIONS,
     ROOT,
     by_kind,
@@ -25,6 +27,7 @@ from k8s_render import (
     config_map,
     dockerfile_args,
     dockerfile_directive,
+    image_tag,
     pinned,
     pods,
     python_tag_of_requires_python,
@@ -36,7 +39,14 @@ KUBERNETES_VERSION = "1.32"  # kubectl on these machines; kubernetes-validate sh
 RAY_AUTH_SECRET = "ray-auth-token"
 # the data key KubeRay reads from the Secret of authOptions.secretName (its RAY_AUTH_TOKEN_SECRET_KEY)
 RAY_AUTH_KEY = "auth_token"
-SECRETS = {"s3-credentials": {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}, RAY_AUTH_SECRET: {RAY_AUTH_KEY}}
+SECRETS = {
+    "s3-credentials": {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"},
+    RAY_AUTH_SECRET: {RAY_AUTH_KEY},
+    "mlflow-credentials": {"username", "password"},  # the Ray pods' MLflow user
+    "mlflow-auth": {"admin_password", "flask_secret_key", "basic_auth.ini"},  # the server's auth app
+    "mlflow-db": {"backend_store_uri"},
+    "postgres-credentials": {"password"},
+}
 # set by the KubeRay operator from authOptions; a second source in the manifests could disagree with it
 OPERATOR_AUTH_ENV = {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ENABLE_K8S_TOKEN_AUTH"}
 CRD_FILES = {"RayJob": "ray.io_rayjobs.yaml", "RayCluster": "ray.io_rayclusters.yaml"}
@@ -111,10 +121,15 @@ def test_crd_check_catches_a_misspelt_field(crd_validators):
     assert any("shutdownAfterJobFinish" in e.message for e in crd_validators["RayJob"].iter_errors(job))
 
 
-@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+@pytest.mark.parametrize("name", [*KUSTOMIZATIONS, DATABASE])
 def test_core_resources_match_kubernetes_schemas(name):
     core = [d for d in render(name) if d["kind"] not in CRD_FILES]
-    assert {"ConfigMap", "Deployment", "Service", "PersistentVolumeClaim"} <= {d["kind"] for d in core}
+    kinds = (
+        {"ConfigMap", "StatefulSet", "Service"}
+        if name == DATABASE
+        else {"ConfigMap", "Deployment", "Service"}
+    )
+    assert kinds | {"NetworkPolicy"} <= {d["kind"] for d in core}
     for doc in core:
         try:
             kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
@@ -383,8 +398,11 @@ def test_versions_agree():
                 limits = [c["resources"].get("limits", {}) for c in pod.spec["containers"]]
                 gpu = any("nvidia.com/gpu" in lim for lim in limits)
                 for container in pod.spec["containers"]:
-                    tag = container["image"].rsplit(":", 1)[-1]
-                    match = re.fullmatch(r"[\w.]+-ray([\d.]+)-(py\d+)-(cpu|gpu)", tag)
+                    if name == "base":  # the overlays pin the image (test_images_are_pinned_by_commit)
+                        assert container["image"] == "flava-ray", f"base: {pod.where}: {container['image']}"
+                        continue
+                    tag = image_tag(name)
+                    match = re.fullmatch(r"[\w.]+-g[0-9a-f]{12,40}-ray([\d.]+)-(py\d+)-(cpu|gpu)", tag)
                     assert match, f"{name}: {pod.where}: image tag {tag} does not name Ray/Python/platform"
                     assert match[1] == ray_version and match[2] == python_tag, f"{name}: {pod.where}: {tag}"
                     assert not gpu or match[3] == "gpu", f"{name}: {pod.where} requests GPUs on a {tag} image"
@@ -399,7 +417,24 @@ def test_dockerfile_runs_as_non_root_with_the_code_baked_in():
     assert {".git", ".venv", "mlruns", "runs", "**/*.db"} <= set(ignored)
 
 
-@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def secret_refs(pod) -> list[tuple[str, str, str]]:
+    """(where, Secret, key) of every Secret a pod reads: env entries and volumes."""
+    refs = []
+    for container in pod.spec["containers"]:
+        for env in container.get("env", []):
+            ref = env.get("valueFrom", {}).get("secretKeyRef")
+            if ref:
+                refs.append((f"{pod.where} env {env['name']}", ref["name"], ref["key"]))
+    for volume in pod.spec.get("volumes", []):
+        if "secret" in volume:
+            name = volume["secret"]["secretName"]
+            refs += [
+                (f"{pod.where} volume {volume['name']}", name, i["key"]) for i in volume["secret"]["items"]
+            ]
+    return refs
+
+
+@pytest.mark.parametrize("name", [*KUSTOMIZATIONS, DATABASE])
 def test_no_secret_values_and_only_known_secret_refs(name):
     docs = render(name)
     assert not by_kind(docs, "Secret"), f"{name} renders a Secret: secrets are created out of band"
@@ -408,26 +443,35 @@ def test_no_secret_values_and_only_known_secret_refs(name):
         r"\b(AKIA|ASIA)[0-9A-Z]{16}\b",  # AWS access key ids
         r"-----BEGIN [A-Z ]*PRIVATE KEY",
         r"(secret_access_key|auth_token|password)\s*[:=]\s*\S",  # a credential assigned a value
+        r"://[^/\s]+@",  # a URI with credentials
     )
     for pattern in patterns:
         assert not re.search(pattern, text, flags=re.I), f"{name}: rendered manifests match {pattern}"
     readme = (ROOT / "infra" / "README.md").read_text()
+    assert "--from-literal=" not in readme, (
+        "README creates a Secret from the command line (process list, history)"
+    )
     for doc in docs:
         auth_secret = (cluster_spec(doc) or {}).get("authOptions", {}).get("secretName")
         if auth_secret:
             assert auth_secret in SECRETS, f"{name}: {doc['metadata']['name']}: unknown Secret {auth_secret}"
-            create = rf"secret generic {auth_secret}\s*\\?\s*--from-literal={RAY_AUTH_KEY}="
+            create = rf"secret generic {auth_secret}\s*\\?\s*--from-file={RAY_AUTH_KEY}="
             assert re.search(create, readme), f"README does not create {auth_secret} with key {RAY_AUTH_KEY}"
         for pod in pods(doc):
             for container in pod.spec["containers"]:
                 for env in container.get("env", []):
-                    where = f"{name}: {pod.where} env {env['name']}"
-                    if re.search(r"SECRET|TOKEN|PASSWORD|ACCESS_KEY", env["name"]):
-                        assert "value" not in env, f"{where} holds a literal value"
-                    ref = env.get("valueFrom", {}).get("secretKeyRef")
-                    if ref:
-                        assert ref["key"] in SECRETS.get(ref["name"], ()), f"{where}: unknown {ref}"
-                        assert f"secret generic {ref['name']}" in readme, f"README creates no {ref['name']}"
+                    if re.search(r"SECRET|TOKEN|PASSWORD|ACCESS_KEY|_URI$", env["name"]) and not re.search(
+                        r"_(FILE|PATH)$", env["name"]
+                    ):  # a path to a mounted Secret is no value
+                        assert "value" not in env, (
+                            f"{name}: {pod.where} env {env['name']} holds a literal value"
+                        )
+            for where, secret, key in secret_refs(pod):
+                assert key in SECRETS.get(secret, ()), f"{name}: {where}: unknown Secret key {secret}/{key}"
+                create = rf"secret generic {secret}\b[^`]*--from-file={re.escape(key)}="
+                assert re.search(create, readme), (
+                    f"README does not create {secret} with key {key} from a file"
+                )
 
 
 def auth_problems(doc: dict) -> list[str]:
@@ -486,7 +530,11 @@ def test_auth_check_catches_missing_auth_options_and_a_second_token_source():
     assert any("sets RAY_AUTH_TOKEN" in p for p in auth_problems(cluster))
 
 
-@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def autoscaled(doc: dict) -> bool:
+    return bool((cluster_spec(doc) or {}).get("enableInTreeAutoscaling"))
+
+
+@pytest.mark.parametrize("name", [*KUSTOMIZATIONS, DATABASE])
 def test_pods_are_hardened_and_sized(name):
     for doc in render(name):
         if doc["kind"] == "RayJob":
@@ -495,15 +543,60 @@ def test_pods_are_hardened_and_sized(name):
         for pod in pods(doc):
             assert pod.spec["securityContext"]["runAsNonRoot"] is True, f"{name}: {pod.where}"
             assert pod.spec["securityContext"]["runAsUser"] > 0, f"{name}: {pod.where}"
+            # only the autoscaler beside an autoscaled cluster's head calls the Kubernetes API
+            needs_token = pod.role == "head" and autoscaled(doc)
+            assert pod.spec.get("automountServiceAccountToken") is needs_token, f"{name}: {pod.where}"
             for c in pod.spec["containers"]:
                 where = f"{name}: {pod.where} container {c['name']}"
                 assert c["securityContext"]["allowPrivilegeEscalation"] is False, where
                 assert "ALL" in c["securityContext"]["capabilities"]["drop"], where
-                for bound in ("requests", "limits"):
-                    assert {"cpu", "memory"} <= set(c["resources"][bound]), f"{where}: {bound}"
-                    for resource, amount in c["resources"][bound].items():
-                        ceiling = c["resources"]["limits"].get(resource, amount)
-                        assert quantity(amount) <= quantity(ceiling), f"{where}: {resource}"
+                if pod.role in ("server", "database"):  # Ray pods: rayjob/rayjob.yaml says why not
+                    assert c["securityContext"]["readOnlyRootFilesystem"] is True, where
+                    mounts = {m["mountPath"] for m in c["volumeMounts"]}
+                    assert "/tmp" in mounts, f"{where}: read-only root without a writable /tmp"
+                assert {"cpu", "memory", "ephemeral-storage"} <= set(c["resources"]["requests"]), where
+                assert {"cpu", "memory", "ephemeral-storage"} <= set(c["resources"]["limits"]), where
+                for resource, amount in c["resources"]["requests"].items():
+                    ceiling = c["resources"]["limits"].get(resource, amount)
+                    assert quantity(amount) <= quantity(ceiling), f"{where}: {resource}"
+
+
+def shm_problems(doc: dict) -> list[str]:
+    """Why a Ray pod's object store would not be in a memory-backed /dev/shm that its limit covers."""
+    problems = []
+    cluster = cluster_spec(doc)
+    groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    for pod, group in zip([p for p in pods(doc) if p.role in ("head", "worker")], groups, strict=True):
+        (container,) = pod.spec["containers"]
+        volumes = {v["name"]: v for v in pod.spec.get("volumes", [])}
+        shm = [m for m in container.get("volumeMounts", []) if m["mountPath"] == "/dev/shm"]
+        source = volumes.get(shm[0]["name"], {}).get("emptyDir", {}) if shm else {}
+        if source.get("medium") != "Memory" or "sizeLimit" not in source:
+            problems.append(f"{pod.where}: no memory-backed emptyDir with a sizeLimit at /dev/shm")
+            continue
+        size, limit = quantity(source["sizeLimit"]), quantity(container["resources"]["limits"]["memory"])
+        store = quantity(group["rayStartParams"].get("object-store-memory", 0.3 * limit))  # Ray: 30%
+        if store > size:
+            problems.append(f"{pod.where}: object store {store:.0f} B > /dev/shm {size:.0f} B")
+        if size > limit / 2:
+            problems.append(f"{pod.where}: /dev/shm takes more than half the memory limit")
+    return problems
+
+
+@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def test_ray_pods_keep_the_object_store_in_shared_memory(name):
+    problems = [p for doc in render(name) if cluster_spec(doc) is not None for p in shm_problems(doc)]
+    assert not problems, f"{name}:\n  " + "\n  ".join(problems)
+
+
+def test_shm_check_catches_a_missing_volume_and_an_oversized_store():
+    job = copy.deepcopy(by_kind(render("base"), "RayJob")[0])
+    assert not shm_problems(job)
+    worker = job["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
+    worker["rayStartParams"]["object-store-memory"] = str(2 * 2**30)
+    assert any("object store" in p for p in shm_problems(job))
+    del worker["template"]["spec"]["containers"][0]["volumeMounts"]
+    assert any("no memory-backed emptyDir" in p for p in shm_problems(job))
 
 
 @pytest.mark.parametrize("name", KUSTOMIZATIONS)
@@ -547,3 +640,232 @@ def test_cpu_smoke_fits_a_laptop():
                 cpu += pod.replicas * quantity(c["resources"]["requests"]["cpu"])
                 memory += pod.replicas * quantity(c["resources"]["requests"]["memory"])
     assert cpu <= 4 and memory <= 8 * 2**30, f"cpu-smoke requests {cpu} CPUs and {memory / 2**30:.1f} GiB"
+
+
+def selects(selector: dict, labels: dict) -> bool:
+    """Whether a Kubernetes label selector matches ``labels`` (``{}`` matches every pod)."""
+    if any(labels.get(k) != v for k, v in (selector.get("matchLabels") or {}).items()):
+        return False
+    for e in selector.get("matchExpressions") or []:
+        value, present = labels.get(e["key"]), e["key"] in labels
+        if not {
+            "Exists": present,
+            "DoesNotExist": not present,
+            "In": present and value in e.get("values", []),
+            "NotIn": value not in e.get("values", []),
+        }[e["operator"]]:
+            return False
+    return True
+
+
+def allowed(policies: list[dict], direction: str, pod: dict, peer: dict, port: int) -> bool:
+    """Whether NetworkPolicies let traffic of ``direction`` (Ingress or Egress) between the pod labelled
+    ``pod`` and a pod of the same namespace labelled ``peer`` on a TCP ``port``. A pod no policy of that
+    direction selects is open; one that is selected gets only what some rule allows."""
+    mine = [
+        p
+        for p in policies
+        if direction in p["spec"]["policyTypes"] and selects(p["spec"]["podSelector"], pod)
+    ]
+    if not mine:
+        return True
+    field, peers = ("ingress", "from") if direction == "Ingress" else ("egress", "to")
+    for policy in mine:
+        for rule in policy["spec"].get(field) or []:
+            ports = [p["port"] for p in rule.get("ports") or [] if p.get("protocol", "TCP") == "TCP"]
+            if rule.get("ports") and port not in ports:
+                continue
+            targets = rule.get(peers)
+            if targets is None:  # any peer
+                return True
+            for target in targets:
+                if "namespaceSelector" in target or "ipBlock" in target:
+                    continue  # other namespaces, addresses: not a pod of this namespace
+                if selects(target.get("podSelector", {}), peer):
+                    return True
+    return False
+
+
+def connects(policies: list[dict], source: dict, target: dict, port: int) -> bool:
+    return allowed(policies, "Egress", source, target, port) and allowed(
+        policies, "Ingress", target, source, port
+    )
+
+
+@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def test_network_policies_deny_by_default_and_allow_what_each_pod_needs(name):
+    docs = render(name)
+    policies = by_kind(docs, "NetworkPolicy") + by_kind(render(DATABASE), "NetworkPolicy")
+    assert any(
+        p["spec"]["podSelector"] == {}
+        and set(p["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+        and not p["spec"].get("ingress")
+        and not p["spec"].get("egress")
+        for p in policies
+    ), f"{name}: no default-deny NetworkPolicy"
+    all_pods = [pod for doc in docs for pod in pods(doc)]
+    for pod in all_pods:
+        specific = [
+            p for p in policies if p["spec"]["podSelector"] and selects(p["spec"]["podSelector"], pod.labels)
+        ]
+        assert specific, f"{name}: no NetworkPolicy selects {pod.where} (labels {pod.labels})"
+    ray = [p for p in all_pods if p.role in ("head", "worker", "submitter")]
+    (mlflow,) = [p for p in all_pods if p.role == "server"]
+    postgres = {"app.kubernetes.io/name": "postgres"}
+    for a in ray:
+        assert connects(policies, a.labels, mlflow.labels, 5000), f"{name}: {a.where} cannot reach MLflow"
+        for b in ray:
+            same = a.labels["flava-ray/cluster"] == b.labels["flava-ray/cluster"]
+            for port in (6379, 8265, 10001):  # each side on its own: egress and ingress both guard
+                sides = (allowed(policies, "Egress", a.labels, b.labels, port),
+                         allowed(policies, "Ingress", b.labels, a.labels, port))  # fmt: skip
+                assert sides == (same, same), (
+                    f"{name}: {a.where} -> {b.where}:{port} (egress, ingress) {sides}"
+                )
+        assert not connects(policies, a.labels, postgres, 5432), f"{name}: {a.where} reaches the database"
+        assert not allowed(policies, "Ingress", a.labels, mlflow.labels, 8265), (
+            f"{name}: MLflow reaches {a.where}"
+        )
+    assert connects(policies, mlflow.labels, postgres, 5432), f"{name}: MLflow cannot reach its database"
+
+
+@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def test_only_the_operator_reaches_a_head_from_outside_and_no_client_port(name):
+    docs = render(name)
+    for policy in by_kind(docs, "NetworkPolicy"):
+        for rule in policy["spec"].get("ingress") or []:
+            outside = [t for t in rule.get("from") or [] if "namespaceSelector" in t or "ipBlock" in t]
+            if outside:
+                assert policy["metadata"]["name"] == "ray-dashboard-from-operator", policy["metadata"]["name"]
+                assert [p["port"] for p in rule["ports"]] == [8265]
+                assert policy["spec"]["podSelector"]["matchLabels"] == {"ray.io/node-type": "head"}
+            assert 10001 not in [p.get("port") for p in rule.get("ports") or []]
+    for doc in docs:
+        for pod in pods(doc):
+            ports = [p["containerPort"] for c in pod.spec["containers"] for p in c.get("ports", [])]
+            assert 10001 not in ports, f"{name}: {pod.where} exposes the Ray client port"
+
+
+def test_policy_check_catches_an_open_cluster():
+    """The isolation oracle: without the per-cluster selector, two job clusters would reach each other."""
+    docs = render("base")
+    policies = copy.deepcopy(by_kind(docs, "NetworkPolicy"))
+    heads = [p for doc in docs for p in pods(doc) if p.role == "head"]
+    a, b = heads[0].labels, heads[1].labels
+    assert not connects(policies, a, b, 6379)
+    for policy in policies:
+        if policy["metadata"]["name"].startswith("ray-cluster-"):
+            policy["spec"]["ingress"][0]["from"][0]["podSelector"] = {}
+            policy["spec"]["egress"][0]["to"][0]["podSelector"] = {}
+    assert connects(policies, a, b, 6379)
+
+
+@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def test_mlflow_requires_auth_and_names_its_hosts(name):
+    (server,) = by_kind(render(name), "Deployment")
+    (container,) = server["spec"]["template"]["spec"]["containers"]
+    args = dict(a.split("=", 1) for a in container["args"] if "=" in a)
+    assert args["--app-name"] == "basic-auth", f"{name}: MLflow without its basic-auth app"
+    hosts = args["--allowed-hosts"].split(",")
+    assert not [h for h in hosts if "*" in h], f"{name}: wildcard in --allowed-hosts: {hosts}"
+    assert {"mlflow:5000", "localhost:5000"} <= set(hosts), f"{name}: {hosts}"
+    assert "--backend-store-uri" not in " ".join(container["args"]), "the store URI holds a password"
+    env = {e["name"]: e for e in container["env"]}
+    assert env["MLFLOW_BACKEND_STORE_URI"]["valueFrom"]["secretKeyRef"]["name"] == "mlflow-db"
+    for pod in (p for doc in render(name) for p in pods(doc) if p.role in ("head", "worker")):
+        names = {e["name"] for e in pod.spec["containers"][0]["env"]}
+        assert {"MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"} <= names, f"{name}: {pod.where}"
+
+
+def test_the_database_lives_apart_and_keeps_its_volume():
+    database = render(DATABASE)
+    (statefulset,) = by_kind(database, "StatefulSet")
+    assert statefulset["spec"]["persistentVolumeClaimRetentionPolicy"] == {
+        "whenDeleted": "Retain",
+        "whenScaled": "Retain",
+    }
+    (claim,) = statefulset["spec"]["volumeClaimTemplates"]
+    assert claim["spec"]["resources"]["requests"]["storage"]
+    assert not by_kind(database, "PersistentVolumeClaim"), "a listed claim would go with `delete -k`"
+    for name in KUSTOMIZATIONS:
+        kinds = {d["kind"] for d in render(name)}
+        assert not kinds & {"PersistentVolumeClaim", "StatefulSet", "PersistentVolume"}, f"{name}: {kinds}"
+    assert statefulset["metadata"]["namespace"] == render("overlays/gpu")[0]["metadata"]["namespace"]
+
+
+def test_images_are_pinned_by_commit(tmp_path):
+    """The overlays name the image of a commit of this repository (infra/docker/pin_image.py writes it);
+    pin_image.py itself rewrites the one images: entry, by tag or by digest."""
+    import subprocess
+
+    pin_image = _load(ROOT / "infra" / "docker" / "pin_image.py")
+    for name in KUSTOMIZATIONS[1:]:
+        commit = re.search(r"-g([0-9a-f]{12,40})-", image_tag(name))
+        assert commit, f"{name}: image tag {image_tag(name)} names no commit"
+        if (ROOT / ".git").exists():
+            known = subprocess.run(
+                ["git", "cat-file", "-e", f"{commit[1]}^{{commit}}"], cwd=ROOT, check=False
+            )
+            assert known.returncode == 0, f"{name}: {commit[1]} is no commit of this repository"
+    copy_root = tmp_path / "repo"
+    shutil.copytree(ROOT / "infra" / "k8s", copy_root / "infra" / "k8s")
+    shutil.copytree(ROOT / "jobs" / "configs", copy_root / "jobs" / "configs")
+    overlay = copy_root / "infra" / "k8s" / "overlays" / "gpu"
+    digest = "sha256:" + "ab" * 32
+    tag = "0.1.0-g" + "1" * 12 + "-ray2.60.0-py311-gpu"
+    pin_image.pin(overlay / "kustomization.yaml", "registry.example/flava-ray", tag, digest)
+    rendered = subprocess.run(
+        ["kubectl", "kustomize", str(overlay)], capture_output=True, text=True, check=True
+    )
+    docs = [d for d in yaml.safe_load_all(rendered.stdout) if d]
+    images = {c["image"] for doc in docs for pod in pods(doc) for c in pod.spec["containers"]}
+    assert images == {f"registry.example/flava-ray:{tag}@{digest}"}, images  # the digest decides
+
+
+def _load(path: Path):
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def test_the_sweep_waits_for_pretraining(name):
+    (sweep,) = [j for j in by_kind(render(name), "RayJob") if j["metadata"]["name"] == "flava-tune-mixing"]
+    assert sweep["spec"].get("suspend") is True, f"{name}: the sweep starts beside pretraining"
+
+
+def test_ignore_files_keep_credentials_out_of_uploads_and_images():
+    for ignore in (".rayignore", ".dockerignore"):
+        patterns = {line.strip().removeprefix("**/") for line in (ROOT / ignore).read_text().splitlines()}
+        missing = {".env", "*.pem", "*.key", "*credentials*"} - patterns
+        assert not missing, f"{ignore} does not exclude {missing}"
+
+
+def test_the_deletion_rules_component_deletes_workers_first(tmp_path, crd_validators):
+    """infra/k8s/components/deletion-rules on cpu-smoke: valid RayJobs (KubeRay's CRD) that delete the
+    workers when the job ends, whatever its status, and the head later; no TTL beside the rules."""
+    import os
+    import subprocess
+
+    here = os.path.relpath(ROOT / "infra" / "k8s", tmp_path)
+    (tmp_path / "kustomization.yaml").write_text(
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\n"
+        f"resources: [{here}/overlays/cpu-smoke]\ncomponents: [{here}/components/deletion-rules]\n"
+    )
+    done = subprocess.run(
+        ["kubectl", "kustomize", str(tmp_path)], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    jobs = [d for d in yaml.safe_load_all(done.stdout) if d and d["kind"] == "RayJob"]
+    assert len(jobs) == 2
+    for job in jobs:
+        errors = list(crd_validators["RayJob"].iter_errors(job))
+        assert not errors, [e.message[:200] for e in errors]
+        spec = job["spec"]
+        assert spec["shutdownAfterJobFinishes"] is False and "ttlSecondsAfterFinished" not in spec
+        rules = {(r["condition"]["jobStatus"], r["policy"]): r["condition"]["ttlSeconds"] for r in
+                 spec["deletionStrategy"]["deletionRules"]}  # fmt: skip
+        for status in ("SUCCEEDED", "FAILED"):
+            assert rules[(status, "DeleteWorkers")] == 0 < rules[(status, "DeleteCluster")], rules
+        assert not spec["rayClusterSpec"].get("enableInTreeAutoscaling"), "KubeRay: no DeleteWorkers then"

@@ -6,7 +6,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from pipeline.config import Config, MLflowConfig
+from pipeline.config import REDACTED, Config, MLflowConfig, dump_config, redact
 from pipeline.train import tracking
 
 
@@ -16,18 +16,18 @@ def test_redact_masks_secret_keys_and_uri_credentials():
         "data": {"tokenizer": "/tok", "auth_token": "xyz", "empty_token": ""},
         "mlflow": {"tracking_uri": "https://bob:hunter2@mlflow.example/"},
     }
-    red = tracking.redact(tree)
+    red = redact(tree)
     text = yaml.safe_dump(red)
     for secret in ("abc", "xyz", "hunter2", "u:p"):
         assert secret not in text
     assert red["data"]["tokenizer"] == "/tok" and red["data"]["empty_token"] == ""
-    assert red["mlflow"]["tracking_uri"] == f"https://{tracking.REDACTED}@mlflow.example/"
+    assert red["mlflow"]["tracking_uri"] == f"https://{REDACTED}@mlflow.example/"
 
 
-def test_flatten_and_resolved_config():
+def test_flatten_and_dump_config():
     flat = tracking.flatten({"a": {"b": 1, "c": {"d": [1, 2]}}, "e": {}})
     assert flat == {"a.b": "1", "a.c.d": "[1, 2]", "e": "{}"}
-    assert yaml.safe_load(tracking.resolved_config_yaml(Config()))["train"]["run_name"] == "flava-demo"
+    assert yaml.safe_load(dump_config(Config()))["train"]["run_name"] == "flava-demo"
 
 
 @pytest.fixture(scope="module")
