@@ -65,18 +65,21 @@ def evaluate(
 ) -> dict[str, float]:
     """Mean held-out losses per kind, retrieval on the image-text pairs, and ``val/objective``.
 
-    ``val_batches`` are torch batches on the model's device (``WorkerData.val_batches``). Collective
-    under FSDP: every rank must pass the same batches (the held-out set is small and read identically by
-    all ranks), so all ranks run the same forwards and compute the same metrics.
+    ``val_batches`` are torch batches on the model's device by source (``WorkerData.val_batches``). A
+    kind's losses are the row-weighted means over the held-out batches of all its sources (its validation
+    set pools their val splits), and retrieval ranks the pairs of every image-text source together; a
+    source not named after its kind also gets its own ``val/source/<name>/<loss>``. Collective under FSDP:
+    every rank must pass the same batches (the held-out sets are small and read identically by all ranks),
+    so all ranks run the same forwards and compute the same metrics.
     """
     was_training = model.training
     model.eval()
-    metrics: dict[str, float] = {}
-    for kind, batches in val_batches.items():
-        sums: dict[str, float] = defaultdict(float)
-        rows = 0
-        images, texts, ids = [], [], []
+    sums: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))  # prefix -> loss -> sum
+    rows: dict[str, int] = defaultdict(int)
+    images, texts, ids = [], [], []
+    for source, batches in val_batches.items():
         for batch in batches:
+            kind = batch["kind"]
             size = next(v for v in batch.values() if isinstance(v, torch.Tensor)).shape[0]
             out = model(batch)
             if kind == "image_text":  # ITM negatives carry another sample's caption: true pairs only
@@ -84,13 +87,19 @@ def evaluate(
                 images.append(model.encode_image(batch["pixel_values"])[keep])
                 texts.append(model.encode_text(batch["input_ids"], batch["attention_mask"])[keep])
                 ids.append(batch["input_ids"][keep])
-            for name, value in out.losses.items():
-                sums[name] += value.item() * size
-            sums["total"] += out.loss.item() * size
-            rows += size
-        metrics.update({f"val/{kind}/{name}": total / rows for name, total in sums.items() if rows})
-        if images:
-            metrics.update(retrieval_metrics(torch.cat(images), torch.cat(texts), torch.cat(ids)))
+            prefixes = {f"val/{kind}", f"val/source/{source}"} if source != kind else {f"val/{kind}"}
+            for prefix in prefixes:
+                for name, value in out.losses.items():
+                    sums[prefix][name] += value.item() * size
+                sums[prefix]["total"] += out.loss.item() * size
+                rows[prefix] += size
+    metrics = {
+        f"{prefix}/{name}": total / rows[prefix]
+        for prefix, losses in sums.items()
+        for name, total in losses.items()
+    }
+    if images:
+        metrics.update(retrieval_metrics(torch.cat(images), torch.cat(texts), torch.cat(ids)))
     metrics["val/objective"] = objective(metrics, text_vocab_size, mim_vocab_size)
     model.train(was_training)
     return metrics

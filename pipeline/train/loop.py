@@ -1,10 +1,10 @@
 """The training loop that runs inside every Ray Train worker (and inside every Ray Tune trial).
 
-Per step all ranks draw the same batch kind from the mixed stream, run ``grad_accum`` micro-batches of
-it through the FSDP2-sharded model, clip, step AdamW and the schedule. Rank 0 logs to MLflow and prints
-progress; every ``val_every`` steps all ranks validate and report the metrics (``val/objective`` for
-Tune); the checkpoint manager saves the training state when it is due. A (re)started worker group
-resumes from the newest complete checkpoint of the run.
+Per step all ranks draw the same data source (so the same batch kind) from the mixed stream, run
+``grad_accum`` micro-batches of it through the FSDP2-sharded model, clip, step AdamW and the schedule.
+Rank 0 logs to MLflow and prints progress; every ``val_every`` steps all ranks validate and report the
+metrics (``val/objective`` for Tune); the checkpoint manager saves the training state when it is due. A
+(re)started worker group resumes from the newest complete checkpoint of the run.
 """
 
 from __future__ import annotations
@@ -51,13 +51,16 @@ class Progress:
     loss_runs: dict[str, dict[str, int]] = field(default_factory=lambda: {k: {} for k in KINDS})
     time_step_s: float = 0.0  # summed over the steps trained: the run's data-wait fraction
     time_data_s: float = 0.0
+    samples_by_source: Counter = field(default_factory=Counter)  # global, per source
+    steps_by_source: Counter = field(default_factory=Counter)
 
     def state_dict(self) -> dict:
         return asdict(self)
 
     def load_state_dict(self, state: dict) -> None:
-        for f in fields(self):
-            setattr(self, f.name, state[f.name])
+        for f in fields(self):  # a checkpoint from before named sources lacks the by-source counters
+            value = state.get(f.name, getattr(self, f.name))
+            setattr(self, f.name, Counter(value) if isinstance(getattr(self, f.name), Counter) else value)
 
 
 def model_kwargs(config: Config, text_vocab_size: int) -> dict:
@@ -86,6 +89,13 @@ def build_sharded(config: Config, text_vocab_size: int, device: torch.device):
     )
     optimizer = build_optimizer(model, config.train)
     return model, optimizer, build_scheduler(optimizer, config.train)
+
+
+def _by_source(p: Progress) -> dict[str, float]:
+    return {
+        **{f"samples/source/{k}": float(v) for k, v in p.samples_by_source.items()},
+        **{f"steps/source/{k}": float(v) for k, v in p.steps_by_source.items()},
+    }
 
 
 def _memory_mb(device: torch.device) -> dict[str, float]:
@@ -194,16 +204,19 @@ class Trainer:
             )
         if found is not None:
             self.log(f"[train] resumed from {found.path} at step {self.progress.step}")
-        for kind in self.data.stream.restarted:  # data.on_changed_data=restart_epoch
+        for source in self.data.stream.restarted:  # data.on_changed_data=restart_epoch
             if self.rank == 0:
-                self.tracker.set_tags({f"data.restart.{kind}": f"step {self.progress.step}"})
-                events.record(self.run_fs, self.run_dir, "data_restart", kind=kind, step=self.progress.step)
+                self.tracker.set_tags({f"data.restart.{source}": f"step {self.progress.step}"})
+                events.record(
+                    self.run_fs, self.run_dir, "data_restart", source=source, step=self.progress.step
+                )
 
     def step(self) -> dict[str, float]:
         t0 = time.perf_counter()
-        kind = self.data.next_kind()
+        source = self.data.next_source()
+        kind = self.data.spec.kind_of(source)
         accum = self.train.grad_accum
-        batches = (self.data.next_batch(kind) for _ in range(accum))
+        batches = (self.data.next_batch(source) for _ in range(accum))
         losses, grad_norm, lr, wait = optimizer_step(
             self.model,
             self.optimizer,
@@ -217,12 +230,15 @@ class Trainer:
         p.step += 1
         p.steps_by_kind[kind] += 1
         p.samples[kind] += self.global_batch
+        p.steps_by_source[source] += 1
+        p.samples_by_source[source] += self.global_batch
         for name in self.expected[kind]:
             p.loss_runs[kind][name] = p.loss_runs[kind].get(name, 0) + accum
         step_time = time.perf_counter() - t0
         p.time_step_s += step_time
         p.time_data_s += wait
-        metrics = {f"train/{kind}/{n}": v for n, v in mean_across_ranks(dict(losses), self.device).items()}
+        losses = mean_across_ranks(dict(losses), self.device)
+        metrics = {f"train/{kind}/{n}": v for n, v in losses.items()}
         metrics.update(
             {
                 "train/lr": lr,
@@ -240,6 +256,9 @@ class Trainer:
                 **_memory_mb(self.device),
             }
         )
+        if self.data.spec.named:  # the sources' own curves beside the kinds'
+            metrics.update({f"train/source/{source}/{n}": v for n, v in losses.items()})
+            metrics.update(_by_source(p))
         metrics["_kind"] = kind  # for the progress line only
         return metrics
 
@@ -266,6 +285,8 @@ class Trainer:
         }
         out.update({f"samples/{k}": v for k, v in p.samples.items()})
         out.update({f"loss_runs/{k}/{n}": c for k, runs in p.loss_runs.items() for n, c in runs.items()})
+        if self.data.spec.named:
+            out.update(_by_source(p))
         return out
 
     def export(self) -> str:
