@@ -180,6 +180,15 @@ class DataConfig:
     on_changed_data: Literal["error", "restart_epoch"] = "error"
     verify_checksums: bool = True  # sha256 of every shard before reading (sizes are always checked)
     seed: int = 0
+    # online mixing (README "Online mixing"): static = data.ratios throughout; doremi = exponentiated
+    # gradient on each source's excess loss over a reference run's; bandit = EXP3 rewarded by the loss.
+    # data.ratios are the starting weights; the weights move every mixing_every steps.
+    mixing: Literal["static", "doremi", "bandit"] = "static"
+    mixing_every: int = 10
+    mixing_step_size: float = 1.0  # doremi: eta of the exponentiated gradient (DoReMi's 1.0)
+    mixing_smoothing: float = 1e-3  # doremi: weight of the uniform mixture mixed in (DoReMi's 1e-3)
+    mixing_decay: float = 0.9  # bandit: smoothing of each source's loss estimate
+    mixing_reference: str = ""  # doremi: a finished run's dir (local or s3://) with its source_losses.json
 
     def named_sources(self) -> dict[str, SourceConfig]:
         """Every source by name: ``sources`` as given, or one per kind of ``train``/``val`` (KINDS order)."""
@@ -208,6 +217,13 @@ class DataConfig:
         c.at_least(0, "read_ahead", "stall_timeout_s")
         c.fraction("mlm_probability", "mim_mask_ratio", "itm_negative_fraction")
         c.fraction("flip_probability", closed=True)
+        c.at_least(1, "mixing_every")
+        c.positive("mixing_step_size")
+        c.fraction("mixing_decay")
+        if not 0.0 < self.mixing_smoothing <= 1.0:
+            c.fail("mixing_smoothing", "must be in (0, 1]: it keeps every weight above 0")
+        if self.mixing == "doremi" and not self.mixing_reference:
+            c.fail("mixing_reference", "data.mixing=doremi needs a reference run's directory")
         if self.sources and (self.train or self.val):
             c.fail("sources", "give datasets either as data.sources or as data.train/data.val, not both")
         bad_names = sorted(n for n in self.sources if not SOURCE_NAME.fullmatch(n))

@@ -22,6 +22,7 @@ TRAINING = (
     "data.train",
     "data.val",
     "data.tokenizer",
+    "data.mixing_reference",
     "model.init_checkpoint",
     "train.storage_path",
     "mlflow.tracking_uri",

@@ -23,7 +23,14 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pipeline import storage
 from pipeline.config import Config, StorageConfig
-from pipeline.data.mixing import SourceSampler, mixture, seed_index
+from pipeline.data.mixing import (
+    SOURCE_LOSSES,
+    MixingSpec,
+    SourceSampler,
+    mixing_spec,
+    mixture,
+    seed_index,
+)
 from pipeline.data.order import DataOrder, SourceShards, partitions_for
 from pipeline.data.tokenizer import WordPieceTokenizer
 from pipeline.data.transforms import TransformParams
@@ -62,6 +69,7 @@ class StreamSpec:
     read_ahead: int = 4  # batches per source queued by the worker's reader thread (data.read_ahead)
     stall_timeout_s: float = 600  # data.stall_timeout_s
     named: bool = False  # sources given by name (data.sources): their own metrics beside the kinds'
+    mixing: MixingSpec = field(default_factory=MixingSpec)  # data.mixing*: static ratios or online
 
     @property
     def sources(self) -> tuple[str, ...]:
@@ -228,6 +236,25 @@ def data_order(config: Config) -> tuple[DataOrder, dict[str, Manifest], dict[str
     return layout, manifests, skipped_shards
 
 
+def reference_losses(config: Config) -> dict[str, float] | None:
+    """``data.mixing=doremi``'s reference: the final loss per source of the run in ``data.mixing_reference``
+    (its ``source_losses.json``); a missing file or source is a ``ValueError`` naming it."""
+    data = config.data
+    if data.mixing != "doremi":
+        return None
+    uri = storage.join(data.mixing_reference, SOURCE_LOSSES)
+    if not storage.exists(uri, config.storage):
+        raise ValueError(
+            f"data.mixing_reference: {uri} not found (a finished run of this project writes it; give that "
+            "run's directory, <train.storage_path>/<train.run_name>)"
+        )
+    losses = json.loads(storage.read_bytes(uri, config.storage))
+    missing = sorted(set(mixture(data)) - set(losses))
+    if missing:
+        raise ValueError(f"data.mixing_reference: {uri} has no loss for source(s) {missing}")
+    return {name: float(losses[name]) for name in mixture(data)}
+
+
 def build_train_data(config: Config, tokenizer: WordPieceTokenizer) -> TrainData:
     """``data_order`` plus what the workers need to read and prepare the rows (needs ``ray.init`` done: the
     skip counter is an actor, placed on the driver's node so that it outlives any worker node)."""
@@ -256,5 +283,6 @@ def build_train_data(config: Config, tokenizer: WordPieceTokenizer) -> TrainData
         read_ahead=data.read_ahead,
         stall_timeout_s=data.stall_timeout_s,
         named=data.named,
+        mixing=mixing_spec(data, reference_losses(config)),
     )
     return TrainData(spec, manifests, skipped_shards)

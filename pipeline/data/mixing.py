@@ -5,10 +5,13 @@ from __future__ import annotations
 import math
 import zlib
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
 from pipeline.config import KINDS, DataConfig
+
+SOURCE_LOSSES = "source_losses.json"  # in a run's directory: its final loss per source (DoReMi's reference)
 
 
 def validate_ratios(
@@ -59,13 +62,19 @@ class SourceSampler:
         self.steps += 1
         return self.sources[int(self._rng.choice(len(self.sources), p=self._p))]
 
+    def observe(self, source: str, loss: float) -> None:
+        """Static ratios do not move (``AdaptiveMixing`` learns from the losses)."""
+
+    def current(self) -> dict[str, float]:
+        return dict(zip(self.sources, self._p.tolist(), strict=True))
+
     def state_dict(self) -> dict:
         return {"sources": list(self.sources), "steps": self.steps, "rng": self._rng.bit_generator.state}
 
     def load_state_dict(self, state: dict) -> None:
-        saved = (
-            state["sources"] if "sources" in state else state["kinds"]
-        )  # "kinds": checkpoints before sources
+        if state.get("rule", "static") != "static":
+            raise ValueError(f"the checkpoint mixes with data.mixing={state['rule']}, this run with static")
+        saved = state.get("sources", state.get("kinds"))  # "kinds": checkpoints from before named sources
         if tuple(saved) != self.sources:
             raise ValueError(f"sampler state is for sources {saved}, this stream mixes {list(self.sources)}")
         self.steps = state["steps"]
@@ -198,3 +207,33 @@ class AdaptiveMixing:
         self._rng.bit_generator.state = state["rng"]
         for name in self._ARRAYS:
             setattr(self, name, np.array(state[name], dtype=getattr(self, name).dtype))
+
+
+@dataclass(frozen=True)
+class MixingSpec:
+    """``data.mixing*`` as the workers need it, with the reference losses read on the driver."""
+
+    rule: str = "static"
+    every: int = 10
+    step_size: float = 1.0
+    smoothing: float = 1e-3
+    decay: float = 0.9
+    reference: dict[str, float] | None = None
+
+    def policy(self, ratios: dict[str, float], seed: int) -> SourceSampler | AdaptiveMixing:
+        if self.rule == "static":
+            return SourceSampler(ratios, seed)
+        return AdaptiveMixing(
+            self.rule, ratios, seed, self.every, self.step_size, self.smoothing, self.decay, self.reference
+        )
+
+
+def mixing_spec(data: DataConfig, reference: dict[str, float] | None = None) -> MixingSpec:
+    return MixingSpec(
+        data.mixing,
+        data.mixing_every,
+        data.mixing_step_size,
+        data.mixing_smoothing,
+        data.mixing_decay,
+        reference,
+    )

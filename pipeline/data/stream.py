@@ -2,7 +2,8 @@
 
 A source is a named train dataset of one kind (``data.sources``; or one per kind, named after it); a
 batch's kind is its source's kind. Why every rank agrees without talking to the others:
-- the source of each step comes from a ``SourceSampler`` seeded with ``data.seed`` on every rank;
+- the source of each step comes from the mixing policy (``pipeline.data.mixing``: static ratios, or online
+  weights updated from the all-reduced losses), seeded with ``data.seed`` on every rank and checkpointed;
 - which rows form global batch ``b`` of epoch ``e`` of a source is a pure function of the seed, the
   source, ``e``, ``b`` and the shards (``pipeline.data.order``), and a rank's batch is its fixed slice of
   it (``pipeline.data.reader``): every rank is at the same batch of a source at the same step, an epoch
@@ -28,7 +29,6 @@ from collections.abc import Iterator
 import numpy as np
 
 from pipeline.data.datasets import StreamSpec
-from pipeline.data.mixing import SourceSampler
 from pipeline.data.reader import (
     BOOKKEEPING,
     KEY_HASH_BITS,
@@ -132,7 +132,7 @@ class MixedStream:
             rank, world = context.get_world_rank(), context.get_world_size()
         self.rank, self.world = rank, world
         self.batch_rows = spec.rows_per_rank(world)
-        self._sampler = SourceSampler(spec.ratios, spec.layout.seed)
+        self._sampler = spec.mixing.policy(spec.ratios, spec.layout.seed)
         self._source_readers = {name: SourceReader(spec, name, rank, world) for name in spec.sources}
         self._readers: dict[str, ReadAhead | None] = dict.fromkeys(spec.sources)
         self._position = {name: (0, 0) for name in spec.sources}  # (epoch, next global batch) handed out
@@ -152,6 +152,15 @@ class MixedStream:
     def next_source(self) -> str:
         """The next step's source; with gradient accumulation, draw it once and ``next_of`` it k times."""
         return next(self._sampler)
+
+    def observe(self, source: str, loss: float) -> None:
+        """The step's loss of ``source`` on one scale, alike on every rank: online mixing learns from it."""
+        self._sampler.observe(source, loss)
+
+    @property
+    def mixing(self):
+        """The mixing policy: its current weights (``current()``) and, online, their time average."""
+        return self._sampler
 
     def next_of(self, name: str) -> dict:
         start = time.perf_counter()

@@ -45,6 +45,27 @@ def retrieval_metrics(
     return metrics
 
 
+def chance_losses(text_vocab_size: int, mim_vocab_size: int, pairs: int) -> dict[str, float]:
+    """Each loss at a uniform guess: the cross-entropy of a guess among its classes (``pairs``: the
+    candidates of the contrastive loss, the global batch of pairs)."""
+    text, image = math.log(text_vocab_size), math.log(mim_vocab_size)
+    return {
+        "mlm": text,
+        "mmm_text": text,
+        "mim": image,
+        "mmm_image": image,
+        "itm": math.log(2),
+        "global_contrastive": math.log(max(pairs, 2)),
+    }
+
+
+def normalized_loss(losses: dict[str, float], chance: dict[str, float]) -> float:
+    """The mean over a batch's losses of each divided by its value at a uniform guess: one scale for batches
+    of every kind (1 = guessing, 0 = perfect), which online mixing compares across sources."""
+    terms = [value / chance[name] for name, value in losses.items() if name in chance]
+    return sum(terms) / len(terms)
+
+
 def objective(metrics: dict[str, float], text_vocab_size: int, mim_vocab_size: int) -> float:
     terms = []
     if "val/text/mlm" in metrics:

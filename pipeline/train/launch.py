@@ -21,7 +21,7 @@ from model import build_flava
 from model.checkpoint import spec_from_hf_config
 from pipeline import paths, storage
 from pipeline.config import Config, to_dict
-from pipeline.data.datasets import TrainData, check_shards
+from pipeline.data.datasets import TrainData, check_shards, reference_losses
 from pipeline.data.mixing import mixture
 from pipeline.data.order import partitions_for
 from pipeline.data.tokenizer import has_text_train_data, load_tokenizer
@@ -83,6 +83,7 @@ def validate_inputs(config: Config) -> dict[str, Manifest]:
     model), the tokenizer. Returns the manifests by ``<split>/<source>``; raises ``InputError``."""
     try:
         active = mixture(config.data)
+        reference_losses(config)
     except ValueError as e:
         raise InputError(str(e)) from e
     check_world_sizes(config)

@@ -230,3 +230,17 @@ def mixture_surface_plot(
         grid[0][0].set_ylabel(f"mean predicted {name}")
     fig.suptitle(f"predicted {name} over {len(weights)} mixtures ({mode})")
     return _png(fig)
+
+
+def mixing_weights_plot(history: dict[str, list[tuple[int, float]]]) -> bytes:
+    """PNG: the online mixing weights of each source over the training steps, stacked to 1."""
+    steps = sorted({step for points in history.values() for step, _ in points})
+    fig, ax = plt.subplots(figsize=(8, 4))
+    logged = {source: sorted(points) for source, points in history.items() if points}
+    if logged:
+        series = [np.interp(steps, *zip(*points, strict=True)) for points in logged.values()]
+        ax.stackplot(steps, series, labels=list(logged))
+    ax.set(xlabel="step", ylabel="sampling weight", ylim=(0, 1))
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+    fig.tight_layout()
+    return _png(fig)
