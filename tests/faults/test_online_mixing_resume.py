@@ -33,8 +33,8 @@ def online(ws) -> list[str]:
     sources = {
         name: {
             "kind": kind,
-            "train": str(ws.demo / KIND_DIR[name] / "train"),
-            "val": str(ws.demo / KIND_DIR[name] / "val"),
+            "train": str(ws.demo / kind / "train"),
+            "val": str(ws.demo / kind / "val"),
         }
         for name, kind in SOURCES.items()
     }
