@@ -21,6 +21,7 @@ from pipeline.config import Config, StorageConfig, from_dict
 from pipeline.tune.mixture_fit import FIT_DIR, TrialsError
 
 MIXTURES = ("recommended", "best_trial", "natural")
+ONLINE = ("doremi", "bandit")  # data.mixing rules started from the natural mixture (--online)
 TERMS = {  # the objective's terms (pipeline.train.evaluate) as the table shows them
     "mlm": "val/text/mlm",
     "mim": "val/image/mim",
@@ -93,25 +94,50 @@ def _fmt(value) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
-def run_confirmation(sweep_uri: str, storage_cfg: StorageConfig, steps: int = 0) -> tuple[str, dict]:
+def online_configs(natural: Config, natural_run_dir: str) -> dict[str, Config]:
+    """The online mixing runs: from the natural mixture, ``doremi`` against the natural run as reference."""
+    stem = natural.train.run_name.removesuffix("-natural")
+    return {
+        rule: dataclasses.replace(
+            natural,
+            data=dataclasses.replace(natural.data, mixing=rule, mixing_reference=natural_run_dir),
+            train=dataclasses.replace(natural.train, run_name=f"{stem}-{rule}"),
+            mlflow=dataclasses.replace(
+                natural.mlflow, run_tags={**natural.mlflow.run_tags, "mixture.confirm": rule}
+            ),
+        )
+        for rule in ONLINE
+    }
+
+
+def run_confirmation(
+    sweep_uri: str, storage_cfg: StorageConfig, steps: int = 0, online: bool = False
+) -> tuple[str, dict]:
     """Trains the three mixtures one after the other on the connected Ray cluster (``steps`` > 0 replaces
-    ``train.steps`` for all three) and writes ``SWEEP/mixture_fit/confirmation.{json,txt}``. Returns the
-    table and the results by mixture."""
+    ``train.steps`` for all), with ``online`` also ``data.mixing=doremi`` and ``bandit`` from the natural
+    mixture, and writes ``SWEEP/mixture_fit/confirmation.{json,txt}``. Returns the table and the results."""
     from pipeline.train.launch import run_pretraining
 
     configs = confirmation_configs(sweep_uri, storage_cfg)
+    if steps:
+        configs = {
+            w: dataclasses.replace(c, train=dataclasses.replace(c.train, steps=steps))
+            for w, c in configs.items()
+        }
     results = {}
-    for which, config in configs.items():
-        if steps:
-            config = dataclasses.replace(config, train=dataclasses.replace(config.train, steps=steps))
-        print(f"[confirm] {which}: ratios {config.data.ratios}, {config.train.steps} steps", flush=True)
-        results[which] = run_pretraining(config).metrics
+    for which in [*MIXTURES, *(ONLINE if online else ())]:
+        if which == ONLINE[0]:
+            configs.update(online_configs(configs["natural"], results["natural"].run_dir))
+        config = configs[which]
+        print(f"[confirm] {which}: ratios {config.data.ratios}, mixing {config.data.mixing}", flush=True)
+        results[which] = run_pretraining(config)
+    results = {which: result.metrics for which, result in results.items()}
     ratios = {which: config.data.ratios for which, config in configs.items()}
     table = confirmation_table(results, ratios)
     out = storage.join(sweep_uri, FIT_DIR)
     summary = {
         w: {"ratios": ratios[w], **{k: results[w].get(k) for k in ("val/objective", *TERMS.values())}}
-        for w in MIXTURES
+        for w in results
     }
     storage.write_bytes_atomic(
         storage.join(out, "confirmation.json"), json.dumps(summary, indent=2).encode(), storage_cfg

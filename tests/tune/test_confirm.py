@@ -10,7 +10,7 @@ import pytest
 
 from pipeline.config import StorageConfig, dump_config, load_config
 from pipeline.data.synthetic import write_synthetic_dataset
-from pipeline.tune.confirm import confirmation_configs, confirmation_table
+from pipeline.tune.confirm import confirmation_configs, confirmation_table, online_configs
 from pipeline.tune.mixture_fit import FIT_DIR, TrialsError
 
 ROWS = {"pairs": ("image_text", 30), "clip": ("image", 20), "gloss": ("text", 50), "unused": ("text", 10)}
@@ -92,3 +92,13 @@ def test_the_table_shows_each_mixture_its_objective_and_terms():
     assert table[1].split()[:4] == ["recommended", "0.500", "0.500", "0.6100"]
     assert table[3].split()[-4:] == ["-", "-", "-", "-"]
     assert table[-1] == "lowest val/objective: recommended"
+
+
+def test_online_runs_start_from_the_natural_mixture_with_the_natural_run_as_reference(sweep):
+    natural = confirmation_configs(str(sweep), StorageConfig())["natural"]
+    online = online_configs(natural, "/runs/my-sweep-confirm-natural")
+    assert list(online) == ["doremi", "bandit"]
+    for rule, config in online.items():
+        assert (config.data.mixing, config.data.ratios) == (rule, natural.data.ratios)
+        assert config.train.run_name == f"my-sweep-confirm-{rule}"
+    assert online["doremi"].data.mixing_reference == "/runs/my-sweep-confirm-natural"
