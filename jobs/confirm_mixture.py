@@ -5,8 +5,8 @@ Trains, with the same steps, seed and settings, the mixture ``jobs/fit_mixture.p
 sweep's best sampled trial's mixture and the natural (size-proportional) one (with ``--online`` also
 ``data.mixing=doremi``, the natural run as its reference, and ``bandit``, both starting from the natural
 mixture), then prints one table of their ``val/objective`` and its terms (also written to
-``SWEEP_DIR/mixture_fit/confirmation.txt``). ``--config`` and overrides give the storage settings (S3 endpoint). Runs on the cluster of ``RAY_ADDRESS``
-(as under ``ray job submit``), else starts a local Ray.
+``SWEEP_DIR/mixture_fit/confirmation.txt``). ``--config`` and overrides give the storage settings (S3
+endpoint). Runs on the cluster of ``RAY_ADDRESS`` (as under ``ray job submit``), else starts a local Ray.
 """
 
 from __future__ import annotations
