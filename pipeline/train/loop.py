@@ -59,8 +59,8 @@ class Progress:
     loss_runs: dict[str, dict[str, int]] = field(default_factory=lambda: {k: {} for k in KINDS})
     time_step_s: float = 0.0  # summed over the steps trained: the run's data-wait fraction
     time_data_s: float = 0.0
-    samples_by_source: Counter = field(default_factory=Counter)  # global, per source
-    steps_by_source: Counter = field(default_factory=Counter)
+    samples_by_source: dict[str, int] = field(default_factory=dict)  # global, per source
+    steps_by_source: dict[str, int] = field(default_factory=dict)
     # per source, a moving average of the normalised training loss: written at the end as the run's
     # source_losses.json, the reference of a later data.mixing=doremi run
     loss_by_source: dict[str, float] = field(default_factory=dict)
@@ -70,8 +70,7 @@ class Progress:
 
     def load_state_dict(self, state: dict) -> None:
         for f in fields(self):  # a checkpoint from before named sources lacks the by-source counters
-            value = state.get(f.name, getattr(self, f.name))
-            setattr(self, f.name, Counter(value) if isinstance(getattr(self, f.name), Counter) else value)
+            setattr(self, f.name, state.get(f.name, getattr(self, f.name)))
 
 
 def model_kwargs(config: Config, text_vocab_size: int) -> dict:
@@ -246,8 +245,8 @@ class Trainer:
         p.step += 1
         p.steps_by_kind[kind] += 1
         p.samples[kind] += self.global_batch
-        p.steps_by_source[source] += 1
-        p.samples_by_source[source] += self.global_batch
+        p.steps_by_source[source] = p.steps_by_source.get(source, 0) + 1
+        p.samples_by_source[source] = p.samples_by_source.get(source, 0) + self.global_batch
         for name in self.expected[kind]:
             p.loss_runs[kind][name] = p.loss_runs[kind].get(name, 0) + accum
         step_time = time.perf_counter() - t0
