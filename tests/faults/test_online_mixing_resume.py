@@ -50,9 +50,11 @@ def online(ws) -> list[str]:
 
 
 def weights(client: MlflowClient, run_id: str) -> dict[str, list[tuple[int, float]]]:
+    """(step, value) of ``mix/weight/<source>`` per source, and of ``mix/rank_spread``."""
+    metrics = {name: f"mix/weight/{name}" for name in SOURCES} | {"rank_spread": "mix/rank_spread"}
     return {
-        name: sorted((m.step, m.value) for m in client.get_metric_history(run_id, f"mix/weight/{name}"))
-        for name in [*SOURCES, "rank_spread"]
+        name: sorted((m.step, m.value) for m in client.get_metric_history(run_id, metric))
+        for name, metric in metrics.items()
     }
 
 
