@@ -20,7 +20,7 @@ from pipeline.config import parse_cli  # noqa: E402
 
 def add_arguments(parser) -> None:
     parser.add_argument("--out", default="data_preview.png", help="PNG path to write")
-    parser.add_argument("--batches", type=int, default=2, help="batches per kind")
+    parser.add_argument("--batches", type=int, default=2, help="batches per source")
     parser.add_argument("--samples", type=int, default=6, help="samples shown per batch")
     parser.add_argument("--keys", type=int, default=0, metavar="STEP", help="print the row keys of this step")
     parser.add_argument("--steps", type=int, default=1, help="with --keys: this many steps from STEP")
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
 
         for rows in step_rows(config, data_order(config)[0], args.keys, args.steps):
             for (epoch, batch), keys in zip(rows.batches, rows.keys, strict=True):
-                print(f"step {rows.step} {rows.kind} epoch {epoch} batch {batch}: {' '.join(keys)}")
+                print(f"step {rows.step} {rows.source} epoch {epoch} batch {batch}: {' '.join(keys)}")
         return 0
     import ray
 
@@ -42,7 +42,8 @@ def main(argv: list[str] | None = None) -> int:
 
     tokenizer = load_or_train_tokenizer(config)
     if args.dry_run:
-        print(f"would render {args.batches} batch(es) per kind of {dict(config.data.train)} to {args.out}")
+        names = [n for n, s in config.data.named_sources().items() if s.train]
+        print(f"would render {args.batches} batch(es) per source of {names} to {args.out}")
         return 0
     ray.init(ignore_reinit_error=True, include_dashboard=False)
     ray.data.DataContext.get_current().enable_progress_bars = False

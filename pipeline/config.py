@@ -28,6 +28,7 @@ PRESET_NAMES = ("tiny", "small", "base", "large")  # model.presets.PRESETS (a te
 RENAMED = {
     "train.bf16": "train.precision (fp32 | bf16)",
     "data.shuffle_buffer": "data.shuffle_window (rows of a data partition shuffled together)",
+    "tune.kinds": "tune.sources (names of data sources; with data.train by kind, the kinds)",
 }
 
 
@@ -137,9 +138,26 @@ class DemoConfig:
 
 
 @dataclass
-class DataConfig:
-    """Datasets per kind and split, and how batches are made from them."""
+class SourceConfig:
+    """A named data source: one kind of data, its train dataset and (optionally) its held-out split."""
 
+    kind: Kind = "image_text"
+    train: str = ""  # dataset dir or s3:// URI
+    val: str = ""  # its held-out split: pooled with the same kind's other sources for validation
+
+
+SOURCE_NAME = re.compile(r"[A-Za-z0-9_-]+")  # source names go into metric names and dotted overrides
+
+
+@dataclass
+class DataConfig:
+    """Datasets and how batches are made from them.
+
+    Datasets come as named sources (``sources``: name -> kind, train, val), or, for one dataset per kind,
+    as ``train``/``val`` maps by kind (each kind then is a source named after it). ``ratios`` weigh the
+    sources: at every step all ranks draw one source, and the batch is of that source's kind."""
+
+    sources: dict[str, SourceConfig] = field(default_factory=dict)
     train: dict[str, str] = field(default_factory=dict)  # kind -> dataset dir or s3:// URI
     val: dict[str, str] = field(default_factory=dict)
     ratios: dict[str, float] = field(default_factory=lambda: {"image_text": 0.5, "image": 0.25, "text": 0.25})
@@ -154,14 +172,42 @@ class DataConfig:
     # rows of each partition of an epoch that are shuffled together (pipeline/data/order.py): windows
     # hold whole batches, and a worker keeps one window of each of its partitions in memory
     shuffle_window: int = 256
-    read_ahead: int = 4  # batches per kind a worker thread reads ahead, across epoch restarts (0: none)
+    read_ahead: int = 4  # batches per source a worker thread reads ahead, across epoch restarts (0: none)
     stall_timeout_s: float = 600  # a worker waiting longer for a batch fails (storage gone); 0: no limit
     on_corrupt_shard: Literal["error", "skip"] = "error"
     # a resume whose datasets changed since the checkpoint (shards or checksums differ): error, or start
-    # that kind's epoch afresh over the new data (logged, and recorded in MLflow as a data.restart tag)
+    # that source's epoch afresh over the new data (logged, and recorded in MLflow as a data.restart tag)
     on_changed_data: Literal["error", "restart_epoch"] = "error"
     verify_checksums: bool = True  # sha256 of every shard before reading (sizes are always checked)
     seed: int = 0
+    # online mixing (README "Online mixing"): static = data.ratios throughout; doremi = exponentiated
+    # gradient on each source's excess loss over a reference run's; bandit = EXP3 rewarded by the loss.
+    # data.ratios are the starting weights; the weights move every mixing_every steps.
+    mixing: Literal["static", "doremi", "bandit"] = "static"
+    mixing_every: int = 10
+    mixing_step_size: float = 1.0  # doremi: eta of the exponentiated gradient (DoReMi's 1.0)
+    mixing_smoothing: float = 1e-3  # doremi: weight of the uniform mixture mixed in (DoReMi's 1e-3)
+    mixing_decay: float = 0.9  # bandit: smoothing of each source's loss estimate
+    mixing_reference: str = ""  # doremi: a finished run's dir (local or s3://) with its source_losses.json
+
+    def named_sources(self) -> dict[str, SourceConfig]:
+        """Every source by name: ``sources`` as given, or one per kind of ``train``/``val`` (KINDS order)."""
+        if self.sources:
+            return dict(self.sources)
+        return {
+            kind: SourceConfig(kind, self.train.get(kind, ""), self.val.get(kind, ""))
+            for kind in KINDS
+            if self.train.get(kind) or self.val.get(kind)
+        }
+
+    @property
+    def named(self) -> bool:
+        """Sources are given by name (``data.sources``), not one per kind."""
+        return bool(self.sources)
+
+    def key_of(self, name: str, split: str = "train") -> str:
+        """A source's dataset's config key, for messages: ``data.sources.X.train`` or ``data.train.X``."""
+        return f"data.sources.{name}.{split}" if self.sources else f"data.{split}.{name}"
 
     def check(self, c: _Checks) -> None:
         c.at_least(1, "batch_size")
@@ -171,14 +217,31 @@ class DataConfig:
         c.at_least(0, "read_ahead", "stall_timeout_s")
         c.fraction("mlm_probability", "mim_mask_ratio", "itm_negative_fraction")
         c.fraction("flip_probability", closed=True)
-        unknown = sorted(set(self.ratios) - set(KINDS))
-        if unknown:
+        c.at_least(1, "mixing_every")
+        c.positive("mixing_step_size")
+        c.fraction("mixing_decay")
+        if not 0.0 < self.mixing_smoothing <= 1.0:
+            c.fail("mixing_smoothing", "must be in (0, 1]: it keeps every weight above 0")
+        if self.mixing == "doremi" and not self.mixing_reference:
+            c.fail("mixing_reference", "data.mixing=doremi needs a reference run's directory")
+        if self.sources and (self.train or self.val):
+            c.fail("sources", "give datasets either as data.sources or as data.train/data.val, not both")
+        bad_names = sorted(n for n in self.sources if not SOURCE_NAME.fullmatch(n))
+        if bad_names:
+            c.fail("sources", f"source names {bad_names} may use only letters, digits, '_' and '-'")
+        empty = sorted(n for n, s in self.sources.items() if not (s.train or s.val))
+        if empty:
+            c.fail("sources", f"source(s) {empty} have no dataset: give each a train and/or val URI")
+        unknown = sorted(set(self.ratios) - set(self.sources or KINDS))
+        if unknown and self.sources:
+            c.fail("ratios", f"unknown source(s) {unknown}; the sources are {list(self.sources)}")
+        elif unknown:
             c.fail("ratios", f"unknown kind(s) {unknown}; kinds are {list(KINDS)}")
         bad = {k: v for k, v in self.ratios.items() if not (math.isfinite(v) and v >= 0)}
         if bad:
             c.fail("ratios", f"must be finite and non-negative, got {bad}")
         elif self.ratios and sum(self.ratios.values()) <= 0:
-            c.fail("ratios", "all ratios are zero: at least one kind must get batches")
+            c.fail("ratios", "all ratios are zero: at least one source must get batches")
         for split in ("train", "val"):
             unknown = sorted(set(getattr(self, split)) - set(KINDS))
             if unknown:
@@ -275,7 +338,7 @@ class MLflowConfig:
 class TuneConfig:
     """A sweep of mixing ratios (and optionally lr); each trial is a short pretraining run (train.*)."""
 
-    kinds: list[Kind] = field(default_factory=list)  # kinds on the simplex; empty: every kind in data.train
+    sources: list[str] = field(default_factory=list)  # sources on the simplex; empty: all with train data
     num_samples: int = 8  # random: Dirichlet draws; grid: repeats of the whole grid
     search: Literal["random", "grid", "regmix"] = "random"
     dirichlet_alpha: float = 1.0  # random: the symmetric Dirichlet's alpha
@@ -302,8 +365,8 @@ class TuneConfig:
         c.positive("dirichlet_alpha", "regmix_concentration_min", "regmix_concentration_max")
         if self.regmix_concentration_max < self.regmix_concentration_min:
             c.fail("regmix_concentration_max", "must be >= tune.regmix_concentration_min")
-        if len(set(self.kinds)) != len(self.kinds):
-            c.fail("kinds", "a kind is listed twice")
+        if len(set(self.sources)) != len(self.sources):
+            c.fail("sources", "a source is listed twice")
         if any(not lr > 0 for lr in self.lr_choices):
             c.fail("lr_choices", "every learning rate must be > 0")
 

@@ -18,9 +18,11 @@ from pipeline.config import Config, ConfigError
 
 # the keys each job reads or writes local paths under (dotted; dict and list values: every item)
 TRAINING = (
+    "data.sources",
     "data.train",
     "data.val",
     "data.tokenizer",
+    "data.mixing_reference",
     "model.init_checkpoint",
     "train.storage_path",
     "mlflow.tracking_uri",
@@ -62,6 +64,16 @@ def _set(config: Config, dotted: str, value) -> Config:
     )
 
 
+def _source_paths(sources: dict) -> dict[tuple[str, str], str]:
+    """(source name, split) -> local path of the datasets of ``data.sources``."""
+    return {
+        (name, split): getattr(source, split)
+        for name, source in sources.items()
+        for split in ("train", "val")
+        if is_local(getattr(source, split))
+    }
+
+
 def local_paths(config: Config, keys: tuple[str, ...] = TRAINING) -> dict[str, str]:
     """Dotted key (``[i]`` / ``.name`` for items) -> value of every local path under ``keys``, the MLflow
     store included when it is a local file (sqlite) or directory."""
@@ -70,6 +82,8 @@ def local_paths(config: Config, keys: tuple[str, ...] = TRAINING) -> dict[str, s
         value = _get(config, key)
         if key == "mlflow.tracking_uri":
             value = value.removeprefix(_SQLITE)
+        if key == "data.sources":
+            value = {f"{name}.{split}": path for (name, split), path in _source_paths(value).items()}
         items = (
             value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
         )
@@ -115,6 +129,17 @@ def absolute_paths(config: Config, keys: tuple[str, ...] = TRAINING) -> Config:
                 value = _SQLITE + fix(key, uri[len(_SQLITE) :])
             else:  # a server URI, or a local file-store directory
                 value = fix(key, uri) if is_local(uri) else uri
+        elif key == "data.sources":
+            fixed = {
+                where: fix(f"{key}.{where[0]}.{where[1]}", p) for where, p in _source_paths(value).items()
+            }
+            value = {
+                name: dataclasses.replace(
+                    source,
+                    **{split: fixed.get((name, split), getattr(source, split)) for split in ("train", "val")},
+                )
+                for name, source in value.items()
+            }
         elif isinstance(value, dict):
             value = {k: fix(f"{key}.{k}", v) if is_local(v) else v for k, v in value.items()}
         elif isinstance(value, list):

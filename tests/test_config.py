@@ -135,7 +135,6 @@ def test_the_closed_sets_are_the_expected_ones():
         "data.on_changed_data",
         "model.preset",
         "train.precision",
-        "tune.kinds",
         "tune.search",
         "tune.scheduler",
     }
@@ -143,14 +142,14 @@ def test_the_closed_sets_are_the_expected_ones():
 
 @pytest.mark.parametrize(("key", "allowed"), closed_sets(), ids=lambda v: v if isinstance(v, str) else "")
 def test_a_value_outside_a_closed_set_names_the_key_and_the_allowed_values(key, allowed):
-    value = "[nonsense]" if key == "tune.kinds" else "nonsense"
+    value = "nonsense"
     with pytest.raises(ConfigError) as error:
         load_config(None, [f"{key}={value}"])
     message = str(error.value)
     assert message.startswith(key) and "nonsense" in message
     assert all(str(a) in message for a in allowed if a), message
     for good in allowed:  # and every allowed value is accepted
-        load_config(None, [f"{key}={[good] if key == 'tune.kinds' else repr(good) if good == '' else good}"])
+        load_config(None, [f"{key}={repr(good) if good == '' else good}"])
 
 
 def test_presets_and_sources_agree_with_their_implementations():
@@ -190,7 +189,7 @@ def test_a_renamed_key_names_its_successor(tmp_path):
         ("model.loss_weights={mimm: 1}", "unknown loss(es) ['mimm']"),
         ("prepare.image_size=100", "prepare.image_size = 100: must be a multiple of prepare.patch_size=16"),
         ("tune.reduction_factor=1", "tune.reduction_factor = 1: must be >= 2"),
-        ("tune.kinds=[text, text]", "a kind is listed twice"),
+        ("tune.sources=[text, text]", "a source is listed twice"),
         ("storage.s3_max_attempts=0", "storage.s3_max_attempts = 0: must be >= 1"),
     ],
 )
@@ -198,6 +197,51 @@ def test_ranges_and_fields_that_must_agree_are_checked_at_load(override, message
     with pytest.raises(ConfigError) as error:
         load_config(None, [override])
     assert message in str(error.value)
+
+
+ONE_SOURCE = "data.sources={web: {kind: image_text, train: /d/web}}"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            [ONE_SOURCE, "data.ratios={web: 1, wiki: 1}"],
+            "unknown source(s) ['wiki']; the sources are ['web']",
+        ),
+        ([ONE_SOURCE, "data.ratios={web: 0}"], "all ratios are zero"),
+        ([ONE_SOURCE, "data.ratios={web: .nan}"], "must be finite and non-negative"),
+        (["data.sources={web: {kind: image_text}}", "data.ratios={web: 1}"], "['web'] have no dataset"),
+        ([ONE_SOURCE, "data.train={text: /d/t}", "data.ratios={web: 1}"], "not both"),
+        (["data.sources={web: {kind: video, train: /d}}"], "data.sources.web.kind: expected one of"),
+        (["data.sources={a.b: {kind: text, train: /d}}", "data.ratios={a.b: 1}"], "may use only letters"),
+        (
+            ["data.sources={web: {kind: text, train: /d, test: /e}}"],
+            "unknown config key(s): data.sources.web.test",
+        ),
+        (["tune.kinds=[text]"], "tune.kinds is now tune.sources"),
+    ],
+)
+def test_named_sources_that_do_not_fit_are_named_at_load(overrides, message):
+    with pytest.raises(ConfigError) as error:
+        load_config(None, overrides)
+    assert message in str(error.value)
+
+
+def test_one_dataset_per_kind_is_one_source_per_kind_named_after_it():
+    config = load_config(None, ["data.train={text: /d/t, image_text: /d/p}", "data.val={image_text: /d/pv}"])
+    sources = config.data.named_sources()
+    assert list(sources) == ["image_text", "text"]  # KINDS order
+    assert (sources["image_text"].kind, sources["image_text"].train, sources["image_text"].val) == (
+        "image_text",
+        "/d/p",
+        "/d/pv",
+    )
+    assert config.data.key_of("text") == "data.train.text" and not config.data.named
+    named = load_config(None, [ONE_SOURCE, "data.sources.web.val=/d/wv", "data.ratios={web: 2}"])
+    assert named.data.named_sources()["web"].val == "/d/wv" and named.data.key_of("web", "val") == (
+        "data.sources.web.val"
+    )
 
 
 def test_every_problem_is_reported_at_once():

@@ -2,7 +2,7 @@
 
 - per-core bound: one process reads, prepares, batches and augments (no parallelism, no transfer);
 - torch DataLoader with W worker processes preparing shards, the main process batching and augmenting;
-- Ray Data: the training job's own reader (``pipeline.data.reader.KindReader``: read tasks that read,
+- Ray Data: the training job's own reader (``pipeline.data.reader.SourceReader``: read tasks that read,
   order and prepare the rows of the epoch, run by Ray Data on a local cluster of W CPUs), augmented
   exactly as the Train worker's ``MixedStream`` does.
 Each path runs one warm-up epoch (worker start-up, imports) and then timed epochs.
@@ -24,7 +24,7 @@ import torch.utils.data
 from pipeline import storage
 from pipeline.config import Config, StorageConfig, load_config
 from pipeline.data.datasets import build_train_data, transform_params
-from pipeline.data.reader import BOOKKEEPING, KindReader, table_columns
+from pipeline.data.reader import BOOKKEEPING, SourceReader, table_columns
 from pipeline.data.synthetic import write_synthetic_dataset
 from pipeline.data.tokenizer import WordPieceTokenizer, load_or_train_tokenizer, train_tokenizer
 from pipeline.data.transforms import TransformParams, augment_batch, batch_rng, prepare_rows
@@ -149,7 +149,7 @@ def bench_ray(setup: Setup, workers: int):
     )
     ray.data.DataContext.get_current().enable_progress_bars = False
     spec = build_train_data(setup.config, setup.tokenizer).spec
-    reader = KindReader(spec, setup.kind, rank=0, world=1)  # what a Train worker reads
+    reader = SourceReader(spec, setup.kind, rank=0, world=1)  # what a Train worker reads
 
     def rows_of(e: int):  # the whole epoch: its dataset ends as it does in training, workers stay warm
         for _, rows in reader.epoch(e):

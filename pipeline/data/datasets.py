@@ -1,8 +1,8 @@
-"""Driver side: every kind's train shards verified and described for the readers in the Train workers.
+"""Driver side: every source's train shards verified and described for the readers in the Train workers.
 
-Per kind: the manifest's shards are checked (sizes always, sha256 when ``data.verify_checksums``; a bad
+Per source: the manifest's shards are checked (sizes always, sha256 when ``data.verify_checksums``; a bad
 shard is an error or, with ``data.on_corrupt_shard=skip``, a logged and counted skip). What survives is a
-``KindSource`` (files, rows, identity); each Train worker reads its own rows of it with Ray Data
+``SourceShards`` (name, kind, files, rows, identity); each Train worker reads its own rows of it with Ray Data
 (``pipeline.data.reader``) in the order ``pipeline.data.order`` fixes, so that a resumed or resized run
 reads exactly the rows an unfaulted run reads. The random per-batch augmentation happens in the worker
 (``pipeline.data.stream``), seeded by the batch's place in that order.
@@ -22,9 +22,16 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from pipeline import storage
-from pipeline.config import KINDS, Config, StorageConfig
-from pipeline.data.mixing import KindSampler, validate_ratios
-from pipeline.data.order import DataOrder, KindSource, partitions_for
+from pipeline.config import Config, StorageConfig
+from pipeline.data.mixing import (
+    SOURCE_LOSSES,
+    MixingSpec,
+    SourceSampler,
+    mixing_spec,
+    mixture,
+    seed_index,
+)
+from pipeline.data.order import DataOrder, SourceShards, partitions_for
 from pipeline.data.tokenizer import WordPieceTokenizer
 from pipeline.data.transforms import TransformParams
 from pipeline.shards import format as shard_format
@@ -35,7 +42,7 @@ log = logging.getLogger(__name__)
 
 @ray.remote(num_cpus=0)
 class SkipCounter:
-    """Rows replaced in trained batches, by kind and reason, summed over the ranks."""
+    """Rows replaced in trained batches, by source and reason, summed over the ranks."""
 
     def __init__(self):
         self._counts: Counter = Counter()
@@ -51,20 +58,25 @@ class SkipCounter:
 class StreamSpec:
     """What a Train worker needs to build its ``MixedStream`` (pass it in ``train_loop_config``)."""
 
-    ratios: dict[str, float]  # normalised, kinds with ratio > 0 in KINDS order = the fetch order
-    layout: DataOrder  # which rows form every global batch of every kind
+    ratios: dict[str, float]  # normalised, sources with ratio > 0 in config order = the fetch order
+    layout: DataOrder  # which rows form every global batch of every source
     params: TransformParams
     tokenizer: WordPieceTokenizer
     storage: StorageConfig
     on_changed_data: str = "error"  # data.on_changed_data
     skip_counter: ray.actor.ActorHandle | None = None
-    corrupt_shards: dict[str, int] = field(default_factory=dict)  # kind -> shards skipped before reading
-    read_ahead: int = 4  # batches per kind queued by the worker's reader thread (data.read_ahead)
+    corrupt_shards: dict[str, int] = field(default_factory=dict)  # source -> shards skipped before reading
+    read_ahead: int = 4  # batches per source queued by the worker's reader thread (data.read_ahead)
     stall_timeout_s: float = 600  # data.stall_timeout_s
+    named: bool = False  # sources given by name (data.sources): their own metrics beside the kinds'
+    mixing: MixingSpec = field(default_factory=MixingSpec)  # data.mixing*: static ratios or online
 
     @property
-    def kinds(self) -> tuple[str, ...]:
+    def sources(self) -> tuple[str, ...]:
         return tuple(self.ratios)
+
+    def kind_of(self, source_name: str) -> str:
+        return self.layout.sources[source_name].kind
 
     def rows_per_rank(self, world_size: int) -> int:
         """A rank's share of the global batch when ``world_size`` ranks train (an elastic run's world size
@@ -78,12 +90,12 @@ class StreamSpec:
 @dataclass
 class TrainData:
     spec: StreamSpec  # -> train_loop_config, then MixedStream(spec) in the worker
-    manifests: dict[str, Manifest]
-    skipped_shards: dict[str, list[str]] = field(default_factory=dict)  # kind -> "file: reason"
+    manifests: dict[str, Manifest]  # by source
+    skipped_shards: dict[str, list[str]] = field(default_factory=dict)  # source -> "file: reason"
 
     def identities(self) -> dict[str, str]:
-        """Dataset fingerprints per kind (for MLflow params)."""
-        return {kind: m.identity() for kind, m in self.manifests.items()}
+        """Dataset fingerprints per source (for MLflow params)."""
+        return {name: m.identity() for name, m in self.manifests.items()}
 
 
 def check_shards(
@@ -135,25 +147,24 @@ def transform_params(config: Config, tokenizer: WordPieceTokenizer, image_size: 
 
 def image_size_of(manifests: dict[str, Manifest]) -> int:
     """The one canonical image size of the image datasets (their codes are only valid at that size)."""
-    sizes = {kind: m.image_size for kind, m in manifests.items() if m.kind != "text"}
+    sizes = {name: m.image_size for name, m in manifests.items() if m.kind != "text"}
     if len(set(sizes.values())) > 1:
         raise ValueError(f"image datasets disagree on image_size: {sizes}; prepare them at one size")
-    for kind, m in manifests.items():
+    for name, m in manifests.items():
         if m.kind != "text" and (m.codebook is None or m.codebook.code_grid * 16 != m.image_size):
-            raise ValueError(f"{kind}: manifest codes do not match image_size {m.image_size} / patch 16")
+            raise ValueError(f"{name}: manifest codes do not match image_size {m.image_size} / patch 16")
     return next(iter(sizes.values()), 0)
 
 
-def kind_source(kind: str, uri: str, shards: list[ShardEntry]) -> KindSource:
+def source_shards(name: str, kind: str, uri: str, shards: list[ShardEntry]) -> SourceShards:
     """The readers' view of a verified dataset; its identity covers exactly the shards that will be read."""
     listed = [{"file": e.file, "rows": e.rows, "sha256": e.sha256} for e in shards]
     identity = hashlib.sha256(json.dumps([uri, listed], sort_keys=True).encode()).hexdigest()[:16]
-    return KindSource(
-        kind, KINDS.index(kind), uri, tuple(e.file for e in shards), tuple(e.rows for e in shards), identity
-    )
+    files, rows = tuple(e.file for e in shards), tuple(e.rows for e in shards)
+    return SourceShards(name, kind, seed_index(name), uri, files, rows, identity)
 
 
-def read_keys(source: KindSource, storage_cfg: StorageConfig) -> list[list[str]]:
+def read_keys(source: SourceShards, storage_cfg: StorageConfig) -> list[list[str]]:
     """Every row key of the source, per shard (only the ``key`` column is read)."""
     out = []
     for name in source.files:
@@ -165,54 +176,56 @@ def read_keys(source: KindSource, storage_cfg: StorageConfig) -> list[list[str]]
 
 @dataclass
 class StepRows:
-    """What step ``step`` (1-based) of a run trains: its kind and, per micro-batch, the global batch
+    """What step ``step`` (1-based) of a run trains: its source and, per micro-batch, the global batch
     (epoch, index) and the row keys."""
 
     step: int
-    kind: str
+    source: str
     batches: list[tuple[int, int]]
     keys: list[list[str]]
 
 
 def step_rows(config: Config, layout: DataOrder, first: int, count: int) -> list[StepRows]:
     """The rows of steps ``first..first+count-1`` of a run of ``config``: a pure function of the config and
-    the shards (the kind sequence, then each kind's order), whatever the world size or restarts. Reads only
-    the ``key`` column of the kinds involved."""
-    ratios = validate_ratios(config.data.ratios, [k for k, v in config.data.train.items() if v])
-    sampler = KindSampler(ratios, config.data.seed)
+    the shards (the source sequence, then each source's order), whatever the world size or restarts. Reads
+    only the ``key`` column of the sources involved."""
+    sampler = SourceSampler(mixture(config.data), config.data.seed)
     accum = config.train.grad_accum
-    kinds = [next(sampler) for _ in range(first + count - 1)]
-    keys = {kind: read_keys(layout.sources[kind], config.storage) for kind in set(kinds[first - 1 :])}
+    drawn = [next(sampler) for _ in range(first + count - 1)]
+    keys = {name: read_keys(layout.sources[name], config.storage) for name in set(drawn[first - 1 :])}
     out = []
     for step in range(first, first + count):
-        kind = kinds[step - 1]
-        before = kinds[: step - 1].count(kind) * accum  # global batches of the kind trained before
-        batches = layout.batches(kind, 0, before, accum)  # epoch 0 from the start: epochs roll over
-        rows = [layout.order(kind, e).rows_of_batch(b) for e, b in batches]
+        name = drawn[step - 1]
+        before = drawn[: step - 1].count(name) * accum  # global batches of the source trained before
+        batches = layout.batches(name, 0, before, accum)  # epoch 0 from the start: epochs roll over
+        rows = [layout.order(name, e).rows_of_batch(b) for e, b in batches]
         out.append(
             StepRows(
-                step, kind, batches, [[keys[kind][s][r] for s, r in zip(*sr, strict=True)] for sr in rows]
+                step, name, batches, [[keys[name][s][r] for s, r in zip(*sr, strict=True)] for sr in rows]
             )
         )
     return out
 
 
 def data_order(config: Config) -> tuple[DataOrder, dict[str, Manifest], dict[str, list[str]]]:
-    """The train datasets of the kinds with ratio > 0, verified (``check_shards``), as the run orders them:
-    (the order, the manifests, per kind the shards left out as "file: reason"). Needs no Ray."""
+    """The train datasets of the sources with ratio > 0, verified (``check_shards``), as the run orders
+    them: (the order, the manifests, per source the shards left out as "file: reason"). Needs no Ray."""
     data = config.data
-    ratios = validate_ratios(data.ratios, [k for k, v in data.train.items() if v])
+    named = data.named_sources()
     manifests, sources, skipped_shards = {}, {}, {}
-    for kind in ratios:
+    for name in mixture(data):
+        source = named[name]
         manifest, good, bad = check_shards(
-            data.train[kind], config.storage, data.verify_checksums, data.on_corrupt_shard
+            source.train, config.storage, data.verify_checksums, data.on_corrupt_shard
         )
-        if manifest.kind != kind:
-            raise ValueError(f"data.train.{kind}: {data.train[kind]} holds a {manifest.kind!r} dataset")
-        manifests[kind] = manifest
-        sources[kind] = kind_source(kind, data.train[kind], good)
+        if manifest.kind != source.kind:
+            raise ValueError(
+                f"{data.key_of(name)}: {source.train} holds a {manifest.kind!r} dataset, not {source.kind!r}"
+            )
+        manifests[name] = manifest
+        sources[name] = source_shards(name, source.kind, source.train, good)
         if bad:
-            skipped_shards[kind] = bad
+            skipped_shards[name] = bad
     layout = DataOrder(
         sources,
         global_rows=data.batch_size * config.train.num_workers,
@@ -223,6 +236,25 @@ def data_order(config: Config) -> tuple[DataOrder, dict[str, Manifest], dict[str
     return layout, manifests, skipped_shards
 
 
+def reference_losses(config: Config) -> dict[str, float] | None:
+    """``data.mixing=doremi``'s reference: the final loss per source of the run in ``data.mixing_reference``
+    (its ``source_losses.json``); a missing file or source is a ``ValueError`` naming it."""
+    data = config.data
+    if data.mixing != "doremi":
+        return None
+    uri = storage.join(data.mixing_reference, SOURCE_LOSSES)
+    if not storage.exists(uri, config.storage):
+        raise ValueError(
+            f"data.mixing_reference: {uri} not found (a finished run of this project writes it; give that "
+            "run's directory, <train.storage_path>/<train.run_name>)"
+        )
+    losses = json.loads(storage.read_bytes(uri, config.storage))
+    missing = sorted(set(mixture(data)) - set(losses))
+    if missing:
+        raise ValueError(f"data.mixing_reference: {uri} has no loss for source(s) {missing}")
+    return {name: float(losses[name]) for name in mixture(data)}
+
+
 def build_train_data(config: Config, tokenizer: WordPieceTokenizer) -> TrainData:
     """``data_order`` plus what the workers need to read and prepare the rows (needs ``ray.init`` done: the
     skip counter is an actor, placed on the driver's node so that it outlives any worker node)."""
@@ -230,9 +262,9 @@ def build_train_data(config: Config, tokenizer: WordPieceTokenizer) -> TrainData
     layout, manifests, skipped_shards = data_order(config)
     # validation decodes images even when no image kind is trained (a text-only mix in a sweep)
     held_out = {
-        f"val.{kind}": shard_format.read_manifest(uri, config.storage)
-        for kind, uri in data.val.items()
-        if uri and kind != "text"
+        f"val.{name}": shard_format.read_manifest(source.val, config.storage)
+        for name, source in data.named_sources().items()
+        if source.val and source.kind != "text"
     }
     params = transform_params(config, tokenizer, image_size_of({**manifests, **held_out}))
     here = ray.get_runtime_context().get_node_id()
@@ -240,15 +272,17 @@ def build_train_data(config: Config, tokenizer: WordPieceTokenizer) -> TrainData
         scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=False)
     ).remote()
     spec = StreamSpec(
-        ratios=validate_ratios(data.ratios, [k for k, v in data.train.items() if v]),
+        ratios=mixture(data),
         layout=layout,
         params=params,
         tokenizer=tokenizer,
         storage=config.storage,
         on_changed_data=data.on_changed_data,
         skip_counter=counter,
-        corrupt_shards={kind: len(bad) for kind, bad in skipped_shards.items()},
+        corrupt_shards={name: len(bad) for name, bad in skipped_shards.items()},
         read_ahead=data.read_ahead,
         stall_timeout_s=data.stall_timeout_s,
+        named=data.named,
+        mixing=mixing_spec(data, reference_losses(config)),
     )
     return TrainData(spec, manifests, skipped_shards)

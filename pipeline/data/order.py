@@ -1,14 +1,14 @@
-"""Which rows form global batch ``b`` of epoch ``e`` of a kind: a pure function of the seed, the kind, the
+"""Which rows form global batch ``b`` of epoch ``e`` of a source: a pure function of the seed, the source, the
 epoch, the batch index and the manifest's shards (pure numpy, no Ray, no torch).
 
 The rows of an epoch are laid out as MosaicML Streaming lays out its "canonical nodes", so that the order
 never depends on the number of workers and every worker reads only its own rows:
 
-1. the epoch's shard order is a permutation seeded by ``(seed, kind, epoch)``; their rows, concatenated in
+1. the epoch's shard order is a permutation seeded by ``(seed, source, epoch)``; their rows, concatenated in
    that order, are cut into ``partitions`` equal contiguous regions (the tail that does not fill a whole
    batch of every partition is left out of this epoch; the next epoch's shard order brings it in);
 2. each region is shuffled within windows of ``window`` consecutive rows, each window with its own seed
-   ``(seed, kind, epoch, partition, window)``;
+   ``(seed, source, epoch, partition, window)``;
 3. global batch ``b`` is the concatenation, in partition order, of rows ``[b*g, (b+1)*g)`` of every
    partition's shuffled region, ``g = global_rows / partitions``.
 
@@ -37,14 +37,14 @@ def partitions_for(fewest: int, most: int) -> int:
 
 @dataclass(frozen=True)
 class EpochOrder:
-    """The row order of one epoch of one kind. ``shard_rows``: rows of each shard in manifest order."""
+    """The row order of one epoch of one source. ``shard_rows``: rows of each shard in manifest order."""
 
     shard_rows: tuple[int, ...]
     global_rows: int  # rows of a global (micro-)batch
     partitions: int
     shuffle_window: int  # rows of a partition shuffled together, rounded up to whole batches (``window``)
     seed: int
-    kind_index: int
+    seed_index: int
     epoch: int
 
     def __post_init__(self) -> None:
@@ -66,7 +66,7 @@ class EpochOrder:
 
     @cached_property
     def shard_order(self) -> np.ndarray:
-        rng = np.random.default_rng((_ORDER, self.seed, self.kind_index, self.epoch))
+        rng = np.random.default_rng((_ORDER, self.seed, self.seed_index, self.epoch))
         return rng.permutation(len(self.shard_rows))
 
     @cached_property
@@ -86,7 +86,7 @@ class EpochOrder:
 
     def _window_permutation(self, partition: int, window: int) -> np.ndarray:
         size = min(self.window, self.region_rows - window * self.window)
-        rng = np.random.default_rng((_ORDER, self.seed, self.kind_index, self.epoch, partition, window))
+        rng = np.random.default_rng((_ORDER, self.seed, self.seed_index, self.epoch, partition, window))
         return rng.permutation(size)
 
     def positions(self, partition: int, first: int, stop: int) -> np.ndarray:
@@ -123,11 +123,12 @@ class EpochOrder:
 
 
 @dataclass(frozen=True)
-class KindSource:
-    """One kind's train dataset as the order needs it (its shards verified on the driver)."""
+class SourceShards:
+    """One source's train dataset as the order needs it (its shards verified on the driver)."""
 
+    name: str
     kind: str
-    kind_index: int
+    seed_index: int  # pipeline.data.mixing.seed_index of the name
     uri: str
     files: tuple[str, ...]  # the usable shards, in manifest order
     rows: tuple[int, ...]
@@ -136,34 +137,36 @@ class KindSource:
 
 @dataclass(frozen=True)
 class DataOrder:
-    """The order of every kind's rows in a run: its sources and the settings ``EpochOrder`` takes."""
+    """The order of every source's rows in a run: the sources by name, the settings ``EpochOrder`` takes."""
 
-    sources: dict[str, KindSource] = field(hash=False)
+    sources: dict[str, SourceShards] = field(hash=False)
     global_rows: int  # data.batch_size x train.num_workers
     partitions: int  # partitions_for(train.min_workers..train.num_workers)
     shuffle_window: int
     seed: int
 
-    def order(self, kind: str, epoch: int) -> EpochOrder:
-        source = self.sources[kind]
+    def order(self, source_name: str, epoch: int) -> EpochOrder:
+        source = self.sources[source_name]
         return EpochOrder(
             source.rows,
             self.global_rows,
             self.partitions,
             self.shuffle_window,
             self.seed,
-            source.kind_index,
+            source.seed_index,
             epoch,
         )
 
-    def batches(self, kind: str, epoch: int, first: int, count: int) -> list[tuple[int, int]]:
+    def batches(self, source_name: str, epoch: int, first: int, count: int) -> list[tuple[int, int]]:
         """(epoch, batch) of ``count`` global batches from batch ``first`` of ``epoch`` on (``first`` may
         count past the epoch's end), into the next epochs as they end."""
         out = []
         while len(out) < count:
-            total = self.order(kind, epoch).batches
+            total = self.order(source_name, epoch).batches
             if total == 0:
-                raise ValueError(f"the {kind} data holds no full global batch of {self.global_rows} rows")
+                raise ValueError(
+                    f"the {source_name} data holds no full global batch of {self.global_rows} rows"
+                )
             if first >= total:  # ``first`` counts on through the epochs
                 epoch, first = epoch + 1, first - total
                 continue

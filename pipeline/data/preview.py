@@ -7,8 +7,6 @@ kept-but-predicted blue). Image-text pairs carry their ITM label (1 = match, 0 =
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
@@ -23,21 +21,17 @@ HEADER_H = 22
 COLOURS = {"mask": (200, 0, 0), "random": (230, 120, 0), "kept": (0, 70, 200), "plain": (20, 20, 20)}
 
 
-def collect_batches(config: Config, tokenizer: WordPieceTokenizer, per_kind: int) -> list[dict]:
-    """``per_kind`` batches of each kind with ratio > 0, drawn from the real stream (needs ray.init)."""
+def collect_batches(config: Config, tokenizer: WordPieceTokenizer, per_source: int) -> list[dict]:
+    """``per_source`` batches of each source with ratio > 0, drawn from the real stream (needs ray.init)."""
     from pipeline.data.datasets import build_train_data
     from pipeline.data.stream import MixedStream
 
     data = build_train_data(config, tokenizer)
     stream = MixedStream(data.spec, rank=0, world=config.train.num_workers)  # what rank 0 of the run reads
-    got: dict[str, list[dict]] = defaultdict(list)
-    try:
-        for kind in data.spec.kinds:  # by kind, not by ratio, so rare kinds show up too
-            while len(got[kind]) < per_kind:
-                got[kind].append(stream.next_of(kind))
+    try:  # by source, not by ratio, so rare sources show up too
+        return [stream.next_of(name) for name in data.spec.sources for _ in range(per_source)]
     finally:
         stream.close()
-    return [b for kind in data.spec.kinds for b in got[kind]]
 
 
 def to_uint8_image(chw: np.ndarray) -> np.ndarray:

@@ -1,8 +1,8 @@
-"""Reading the rows of ``pipeline.data.order``: one kind, one rank, one epoch at a time, in Ray Data tasks.
+"""Reading the rows of ``pipeline.data.order``: one source, one rank, one epoch at a time, in Ray Data tasks.
 
 An epoch of a rank is a list of read tasks of about ``ROWS_PER_TASK`` rows each (a range of rows of a chunk
 of the rank's partitions): a task reads from the shards only the row groups holding its rows, puts the rows
-in the epoch's order and prepares them (decode, normalise, tokenise). ``KindReader`` runs the tasks in
+in the epoch's order and prepares them (decode, normalise, tokenise). ``SourceReader`` runs the tasks in
 parallel with Ray Data and streams their results in task order (``preserve_order``), then cuts the rank's
 micro-batch ``b`` out of them: every partition's rows ``[b*g, (b+1)*g)``, in partition order.
 
@@ -29,7 +29,7 @@ from ray.data._internal.execution.execution_callback import ExecutionCallback
 
 from pipeline import storage
 from pipeline.config import StorageConfig
-from pipeline.data.order import EpochOrder, KindSource
+from pipeline.data.order import EpochOrder, SourceShards
 from pipeline.data.transforms import SKIP_REASONS, TransformParams, prepare_columns
 
 KEY_HASH_BITS = 52  # per-row key hashes whose sums stay exact in a float64 (an MLflow metric)
@@ -89,7 +89,7 @@ def tasks_for(order: EpochOrder, partitions: range, first_batch: int, rows_per_t
 
 
 def read_rows(
-    source: KindSource, storage_cfg: StorageConfig, shards: np.ndarray, rows: np.ndarray
+    source: SourceShards, storage_cfg: StorageConfig, shards: np.ndarray, rows: np.ndarray
 ) -> dict[str, object]:
     """The rows (``shards[i]``, ``rows[i]``) of the source in that order, as the transforms take columns;
     only the row groups holding them are read."""
@@ -160,7 +160,7 @@ def skipped(rows: dict[str, np.ndarray]) -> Counter:
 def read_task(
     task: ReadTask,
     order: EpochOrder,
-    source: KindSource,
+    source: SourceShards,
     storage_cfg: StorageConfig,
     params: TransformParams,
     tokenizer,
@@ -224,20 +224,20 @@ TASKS_PER_DATASET = (
 )
 
 
-class KindReader:
-    """A rank's batches of one kind, epoch after epoch, from a data position on: Ray Data datasets of read
+class SourceReader:
+    """A rank's batches of one source, epoch after epoch, from a data position on: Ray Data datasets of read
     tasks (``tasks_for``; one epoch each, or several small ones) run in parallel, consumed in order."""
 
-    def __init__(self, spec, kind: str, rank: int, world: int, prefetch_blocks: int = 2):
-        self.spec, self.source = spec, spec.layout.sources[kind]
+    def __init__(self, spec, source_name: str, rank: int, world: int, prefetch_blocks: int = 2):
+        self.spec, self.source = spec, spec.layout.sources[source_name]
         self.rank, self.world = rank, world
         self.prefetch_blocks = prefetch_blocks
 
     def order(self, epoch: int) -> EpochOrder:
-        order = self.spec.layout.order(self.source.kind, epoch)
+        order = self.spec.layout.order(self.source.name, epoch)
         if order.batches == 0:
             raise RuntimeError(
-                f"the {self.source.kind} train dataset {self.source.uri} has {sum(self.source.rows)} "
+                f"the {self.source.name} train dataset {self.source.uri} has {sum(self.source.rows)} "
                 f"rows, too few for one global batch of {order.global_rows} rows in "
                 f"{order.partitions} partition(s) (fewer workers or a smaller data.batch_size)"
             )

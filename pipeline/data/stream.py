@@ -1,16 +1,18 @@
-"""Inside a Train worker: one stream of batches whose kind follows the ratios, identical on every rank.
+"""Inside a Train worker: one stream of batches whose source follows the ratios, identical on every rank.
 
-Why every rank agrees without talking to the others:
-- the kind of each step comes from a ``KindSampler`` seeded with ``data.seed`` on every rank;
-- which rows form global batch ``b`` of epoch ``e`` of a kind is a pure function of the seed, the kind,
-  ``e``, ``b`` and the shards (``pipeline.data.order``), and a rank's batch is its fixed slice of it
-  (``pipeline.data.reader``): every rank is at the same batch of a kind at the same step, an epoch has the
-  same number of batches everywhere, and none of it depends on the world size or on earlier restarts;
+A source is a named train dataset of one kind (``data.sources``; or one per kind, named after it); a
+batch's kind is its source's kind. Why every rank agrees without talking to the others:
+- the source of each step comes from the mixing policy (``pipeline.data.mixing``: static ratios, or online
+  weights updated from the all-reduced losses), seeded with ``data.seed`` on every rank and checkpointed;
+- which rows form global batch ``b`` of epoch ``e`` of a source is a pure function of the seed, the
+  source, ``e``, ``b`` and the shards (``pipeline.data.order``), and a rank's batch is its fixed slice of
+  it (``pipeline.data.reader``): every rank is at the same batch of a source at the same step, an epoch
+  has the same number of batches everywhere, and none of it depends on the world size or on restarts;
 - the augmentation (flips, masks, ITM negatives) of each partition's share of a batch is seeded by the
   batch's place in that order, so it does not depend on the world size either.
 
-The data position (per kind: epoch, next batch) is part of the checkpoint: a resumed or resized run reads
-exactly the rest of the interrupted epoch, nothing twice and nothing skipped. Each kind is read ahead by a
+The data position (per source: epoch, next batch) is part of the checkpoint: a resumed or resized run reads
+exactly the rest of the interrupted epoch, nothing twice and nothing skipped. Each source is read ahead by a
 thread (``ReadAhead``) across epoch boundaries, so that a new epoch's reading overlaps the training of the
 batches still queued.
 """
@@ -27,11 +29,10 @@ from collections.abc import Iterator
 import numpy as np
 
 from pipeline.data.datasets import StreamSpec
-from pipeline.data.mixing import KindSampler
 from pipeline.data.reader import (
     BOOKKEEPING,
     KEY_HASH_BITS,
-    KindReader,
+    SourceReader,
     keys_digest,
     skipped,
 )
@@ -50,9 +51,10 @@ class DataReadError(OSError):
 
 
 class ReadAhead:
-    """Items of ``source`` (a kind's ``(epoch, batch, rows)``), pulled by a daemon thread up to ``depth``
-    ahead, so that the kind's next epoch starts while queued batches still train; a source error is raised
-    where the item is taken. ``depth`` 0 pulls in the caller's thread (no read-ahead, no stall timeout).
+    """Items of ``source`` (a data source's ``(epoch, batch, rows)``), pulled by a daemon thread up to
+    ``depth`` ahead, so that the source's next epoch starts while queued batches still train; an error of
+    ``source`` is raised where the item is taken. ``depth`` 0 pulls in the caller's thread (no read-ahead,
+    no stall timeout).
 
     Reads are retried at several levels (the S3 client's attempts, Ray's task retries), so storage that went
     away could hang the step for a long time: a wait of more than ``stall_timeout_s`` (0: no limit) raises
@@ -116,7 +118,7 @@ AUGMENT = 2  # keeps the augmentation's seeds apart from the order's and validat
 
 
 class MixedStream:
-    """Iterator of model batches (numpy dicts with ``kind``), mixed by the spec's ratios.
+    """Iterator of model batches (numpy dicts with ``kind``), their sources mixed by the spec's ratios.
 
     In a Train worker ``rank`` and ``world`` come from Ray Train; elsewhere (preview, tests) pass them.
     A rank's batches hold ``spec.rows_per_rank(world)`` rows: its share of the global batch."""
@@ -130,14 +132,14 @@ class MixedStream:
             rank, world = context.get_world_rank(), context.get_world_size()
         self.rank, self.world = rank, world
         self.batch_rows = spec.rows_per_rank(world)
-        self._sampler = KindSampler(spec.ratios, spec.layout.seed)
-        self._kind_readers = {kind: KindReader(spec, kind, rank, world) for kind in spec.kinds}
-        self._readers: dict[str, ReadAhead | None] = dict.fromkeys(spec.kinds)
-        self._position = {kind: (0, 0) for kind in spec.kinds}  # (epoch, next global batch) handed out
+        self._sampler = spec.mixing.policy(spec.ratios, spec.layout.seed)
+        self._source_readers = {name: SourceReader(spec, name, rank, world) for name in spec.sources}
+        self._readers: dict[str, ReadAhead | None] = dict.fromkeys(spec.sources)
+        self._position = {name: (0, 0) for name in spec.sources}  # (epoch, next global batch) handed out
         self._samples: Counter = Counter()
         self._batches: Counter = Counter()
         self._digest = 0
-        self.restarted: list[str] = []  # kinds whose changed data restarted their epoch on resume
+        self.restarted: list[str] = []  # sources whose changed data restarted their epoch on resume
         self._wait_s = 0.0
         self._augment_s = 0.0
 
@@ -145,61 +147,64 @@ class MixedStream:
         return self
 
     def __next__(self) -> dict:
-        return self.next_of(self.next_kind())
+        return self.next_of(self.next_source())
 
-    def next_kind(self) -> str:
-        """The kind of the next step; with gradient accumulation, draw it once and ``next_of`` it k times."""
+    def next_source(self) -> str:
+        """The next step's source; with gradient accumulation, draw it once and ``next_of`` it k times."""
         return next(self._sampler)
 
-    def next_of(self, kind: str) -> dict:
+    def observe(self, source: str, loss: float) -> None:
+        """The step's loss of ``source`` on one scale, alike on every rank: online mixing learns from it."""
+        self._sampler.observe(source, loss)
+
+    @property
+    def mixing(self):
+        """The mixing policy: its current weights (``current()``) and, online, their time average."""
+        return self._sampler
+
+    def next_of(self, name: str) -> dict:
         start = time.perf_counter()
-        epoch, batch_index, rows = self._reader(kind).get()
+        epoch, batch_index, rows = self._reader(name).get()
         waited = time.perf_counter()
-        expected = self._position[kind]
+        expected = self._position[name]
         if (epoch, batch_index) != expected and (epoch, batch_index) != (expected[0] + 1, 0):
-            raise RuntimeError(f"{kind}: read batch {batch_index} of epoch {epoch}, expected {expected}")
+            raise RuntimeError(f"{name}: read batch {batch_index} of epoch {epoch}, expected {expected}")
         if epoch != expected[0]:
-            log.info("kind %s: starting epoch %d", kind, epoch)
-        batch = self._augment(kind, epoch, batch_index, rows)
+            log.info("source %s: starting epoch %d", name, epoch)
+        batch = self._augment(name, epoch, batch_index, rows)
         self._augment_s += time.perf_counter() - waited
         self._wait_s += waited - start
-        self._position[kind] = (epoch, batch_index + 1)
+        self._position[name] = (epoch, batch_index + 1)
         self._digest = (self._digest + keys_digest(rows["key_hash"])) % (1 << KEY_HASH_BITS)
         replaced = skipped(rows)
         if replaced and self.spec.skip_counter is not None:  # rows trained, counted once over all ranks
-            self.spec.skip_counter.add.remote({f"{kind}/{reason}": n for reason, n in replaced.items()})
-        self._batches[kind] += 1
-        self._samples[kind] += self.batch_rows
+            self.spec.skip_counter.add.remote({f"{name}/{reason}": n for reason, n in replaced.items()})
+        self._batches[name] += 1
+        self._samples[name] += self.batch_rows
         return batch
 
-    def _augment(self, kind: str, epoch: int, batch_index: int, rows: dict) -> dict:
+    def _augment(self, name: str, epoch: int, batch_index: int, rows: dict) -> dict:
         """Each partition's share of the batch augmented with its own seed (the batch's place in the order
         and the partition), so that the augmentation does not depend on how the partitions are spread."""
-        order = self._kind_readers[kind].order(epoch)
+        source = self.spec.layout.sources[name]
+        order = self._source_readers[name].order(epoch)
         g = order.rows_per_partition_batch
         parts = []
         for i, partition in enumerate(order.partitions_of(self.rank, self.world)):
             share = {k: v[i * g : (i + 1) * g] for k, v in rows.items() if k not in BOOKKEEPING}
-            rng = batch_rng(
-                self.spec.layout.seed,
-                AUGMENT,
-                self.spec.layout.sources[kind].kind_index,
-                epoch,
-                batch_index,
-                partition,
-            )
-            parts.append(augment_batch(kind, share, self.spec.params, rng))
-        return {k: kind if k == "kind" else np.concatenate([p[k] for p in parts]) for k in parts[0]}
+            rng = batch_rng(self.spec.layout.seed, AUGMENT, source.seed_index, epoch, batch_index, partition)
+            parts.append(augment_batch(source.kind, share, self.spec.params, rng))
+        return {k: source.kind if k == "kind" else np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
-    def _reader(self, kind: str) -> ReadAhead:
-        reader = self._readers[kind]
+    def _reader(self, name: str) -> ReadAhead:
+        reader = self._readers[name]
         if reader is None:
-            source = self.spec.layout.sources[kind]
-            reader = self._readers[kind] = ReadAhead(
-                self._kind_readers[kind].epochs(*self._position[kind]),
+            source = self.spec.layout.sources[name]
+            reader = self._readers[name] = ReadAhead(
+                self._source_readers[name].epochs(*self._position[name]),
                 self.spec.read_ahead,
                 self.spec.stall_timeout_s,
-                f"the {kind} dataset {source.uri}",
+                f"the {name} dataset {source.uri}",
             )
         return reader
 
@@ -216,42 +221,42 @@ class MixedStream:
                 reader.close()
 
     def state_dict(self) -> dict:
-        """The kind sequence, and per kind the data position and the identity of the data it is in."""
+        """The source sequence, and per source the data position and the identity of the data it is in."""
         return {
             "sampler": self._sampler.state_dict(),
-            "position": {kind: list(position) for kind, position in self._position.items()},
-            "identity": {kind: source.identity for kind, source in self.spec.layout.sources.items()},
+            "position": {name: list(position) for name, position in self._position.items()},
+            "identity": {name: source.identity for name, source in self.spec.layout.sources.items()},
             "samples": dict(self._samples),
             "batches": dict(self._batches),
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Continues the saved kind sequence and every kind's epoch exactly where it was. A kind whose data
-        changed since (shards or checksums differ) is an error, or under ``data.on_changed_data=
-        restart_epoch`` starts its epoch afresh over the new data; ``restarted`` lists those kinds."""
+        """Continues the saved source sequence and every source's epoch exactly where it was. A source whose
+        data changed since (shards or checksums differ) is an error, or under ``data.on_changed_data=
+        restart_epoch`` starts its epoch afresh over the new data; ``restarted`` lists those sources."""
         if any(reader is not None for reader in self._readers.values()):
             raise RuntimeError("load_state_dict must come before the first batch is drawn")
         self._sampler.load_state_dict(state["sampler"])
-        for kind in self.spec.kinds:
-            epoch, batch = state["position"].get(kind, (0, 0))
-            saved = state["identity"].get(kind)
-            source = self.spec.layout.sources[kind]
+        for name in self.spec.sources:
+            epoch, batch = state["position"].get(name, (0, 0))
+            saved = state["identity"].get(name)
+            source = self.spec.layout.sources[name]
             if saved is not None and saved != source.identity:
                 if self.spec.on_changed_data != "restart_epoch":
                     raise ChangedDataError(
-                        f"the {kind} dataset {source.uri} changed since the checkpoint (its shards or their "
+                        f"the {name} dataset {source.uri} changed since the checkpoint (its shards or their "
                         "checksums differ): resuming would not continue the same order. Restore the data, or "
-                        "set data.on_changed_data=restart_epoch to start this kind's epoch afresh"
+                        "set data.on_changed_data=restart_epoch to start this source's epoch afresh"
                     )
                 log.warning(
-                    "kind %s: %s changed since the checkpoint; epoch %d starts afresh",
-                    kind,
+                    "source %s: %s changed since the checkpoint; epoch %d starts afresh",
+                    name,
                     source.uri,
                     epoch,
                 )
-                self.restarted.append(kind)
+                self.restarted.append(name)
                 batch = 0
-            self._position[kind] = (epoch, batch)
+            self._position[name] = (epoch, batch)
         self._samples = Counter(state["samples"])
         self._batches = Counter(state["batches"])
 
@@ -262,12 +267,12 @@ class MixedStream:
             "data_wait_s": self._wait_s,
             "augment_s": self._augment_s,
         }
-        for kind in self.spec.kinds:
-            out[f"samples/{kind}"] = self._samples[kind]
-            out[f"batches/{kind}"] = self._batches[kind]
-            out[f"epoch/{kind}"] = self._position[kind][0]
-        for kind, n in self.spec.corrupt_shards.items():
-            out[f"skipped_shards/{kind}"] = n
+        for name in self.spec.sources:
+            out[f"samples/{name}"] = self._samples[name]
+            out[f"batches/{name}"] = self._batches[name]
+            out[f"epoch/{name}"] = self._position[name][0]
+        for name, n in self.spec.corrupt_shards.items():
+            out[f"skipped_shards/{name}"] = n
         for key, n in skipped_rows(self.spec).items():
             out[f"skipped_rows/{key}"] = n
         return out
@@ -278,7 +283,7 @@ class ChangedDataError(RuntimeError):
 
 
 def skipped_rows(spec: StreamSpec, timeout_s: float = 10.0) -> dict[str, int]:
-    """Rows replaced in the batches trained so far, by "kind/reason"; empty if unreachable (warned)."""
+    """Rows replaced in the batches trained so far, by "source/reason"; empty if unreachable (warned)."""
     if spec.skip_counter is None:
         return {}
     import ray

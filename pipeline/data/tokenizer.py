@@ -128,12 +128,12 @@ def _text_column(dataset: str, entry: shard_format.ShardEntry, config: Config) -
 
 
 def shard_texts(config: Config, max_texts: int) -> Iterator[str]:
-    """Captions of the train datasets that have text (only the text column is read)."""
+    """Captions of the train datasets that have text, text sources first (only the text column is read)."""
     produced = 0
-    for kind in ("text", "image_text"):
-        dataset = config.data.train.get(kind)
-        if not dataset:
-            continue
+    sources = config.data.named_sources().values()
+    for dataset in [
+        s.train for kind in ("text", "image_text") for s in sources if s.kind == kind and s.train
+    ]:
         manifest = shard_format.read_manifest(dataset, config.storage)
         for entry in manifest.shards:
             try:
@@ -151,6 +151,11 @@ def shard_texts(config: Config, max_texts: int) -> Iterator[str]:
                         return
 
 
+def has_text_train_data(config: Config) -> bool:
+    """Some train source has captions to train a tokenizer on."""
+    return any(s.train and s.kind != "image" for s in config.data.named_sources().values())
+
+
 def load_or_train_tokenizer(
     config: Config, save_to: str | None = None, max_texts: int = 1_000_000
 ) -> WordPieceTokenizer:
@@ -158,7 +163,7 @@ def load_or_train_tokenizer(
     data = config.data
     if data.tokenizer:
         return load_tokenizer(data.tokenizer, data.max_text_length, config.storage)
-    if not any(data.train.get(k) for k in ("text", "image_text")):
+    if not has_text_train_data(config):
         raise ValueError("data.tokenizer is empty and no text or image_text train dataset to train one on")
     tok = train_tokenizer(shard_texts(config, max_texts), data.vocab_size, data.max_text_length)
     if save_to:

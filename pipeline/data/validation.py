@@ -13,7 +13,8 @@ from collections import Counter
 
 import numpy as np
 
-from pipeline.config import KINDS, Config
+from pipeline.config import Config
+from pipeline.data.mixing import seed_index
 from pipeline.data.tokenizer import WordPieceTokenizer, load_tokenizer
 from pipeline.data.transforms import TransformParams, augment_batch, batch_rng, prepare_rows
 from pipeline.shards import format as shard_format
@@ -29,11 +30,10 @@ def held_out_rows(
     params: TransformParams,
     tokenizer: WordPieceTokenizer | None,
     wanted: int,
-    uri: str | None = None,
+    uri: str,
 ) -> tuple[dict[str, np.ndarray], Counter]:
-    """The first ``wanted`` usable rows of a dataset (default ``data.val[kind]``) in manifest order,
-    prepared; skips counted."""
-    uri = uri or config.data.val[kind]
+    """The first ``wanted`` usable rows of the ``kind`` dataset at ``uri`` in manifest order, prepared;
+    skips counted."""
     parts: dict[str, list[np.ndarray]] = {}
     skipped: Counter = Counter()
     have = 0
@@ -56,6 +56,11 @@ def held_out_rows(
     return {name: np.concatenate(values)[:wanted] for name, values in parts.items()}, skipped
 
 
+def held_out_sets(config: Config) -> dict[str, tuple[str, str]]:
+    """The held-out split of every source that has one: name -> (kind, URI)."""
+    return {name: (s.kind, s.val) for name, s in config.data.named_sources().items() if s.val}
+
+
 def _resolve(config: Config, params: TransformParams, tokenizer: WordPieceTokenizer | None, kinds):
     if tokenizer is None and any(k != "image" for k in kinds):
         tokenizer = load_tokenizer(config.data.tokenizer, config.data.max_text_length, config.storage)
@@ -67,26 +72,27 @@ def held_out_batches(
     params: TransformParams,
     tokenizer: WordPieceTokenizer | None = None,
     max_batches: int | None = None,
-    datasets: dict[str, str] | None = None,
+    datasets: dict[str, tuple[str, str]] | None = None,
 ) -> dict[str, list[dict]]:
-    """Up to ``max_batches`` (default ``train.val_batches``) batches per kind of ``datasets`` (default
-    ``data.val``). Benchmarks pass train datasets to feed identical batches to two setups."""
-    datasets = config.data.val if datasets is None else datasets
-    params, tokenizer = _resolve(config, params, tokenizer, datasets)
+    """Up to ``max_batches`` (default ``train.val_batches``) batches per source of ``datasets`` (name ->
+    (kind, URI); default ``held_out_sets``: every source's val split). Benchmarks pass train datasets to
+    feed identical batches to two setups."""
+    datasets = held_out_sets(config) if datasets is None else datasets
+    params, tokenizer = _resolve(config, params, tokenizer, [kind for kind, _ in datasets.values()])
     size = config.data.batch_size
     max_batches = config.train.val_batches if max_batches is None else max_batches
     out = {}
-    for kind_index, kind in enumerate(k for k in KINDS if datasets.get(k)):
-        rows, skipped = held_out_rows(config, kind, params, tokenizer, size * max_batches, datasets[kind])
+    for name, (kind, uri) in datasets.items():
+        rows, skipped = held_out_rows(config, kind, params, tokenizer, size * max_batches, uri)
         if skipped:
-            log.warning("%s (%s): skipped unusable held-out rows %s", kind, datasets[kind], dict(skipped))
+            log.warning("%s (%s): skipped unusable held-out rows %s", name, uri, dict(skipped))
         n = len(next(iter(rows.values())))
-        out[kind] = [
+        out[name] = [
             augment_batch(
                 kind,
                 {k: v[i : i + size] for k, v in rows.items()},
                 params,
-                batch_rng(config.data.seed, VAL_STREAM, kind_index, i // size),
+                batch_rng(config.data.seed, VAL_STREAM, seed_index(name), i // size),
             )
             for i in range(0, n, size)
         ]
@@ -96,14 +102,22 @@ def held_out_batches(
 def retrieval_pairs(
     config: Config, params: TransformParams, tokenizer: WordPieceTokenizer | None = None, max_pairs: int = 256
 ) -> dict[str, np.ndarray]:
-    """Matching held-out image-caption pairs (no negatives, no masks) for zero-shot retrieval:
-    ``pixel_values`` (n,3,H,W) float32, ``input_ids`` and ``attention_mask`` (n,L) int64; pair i matches i."""
-    if not config.data.val.get("image_text"):
-        raise ValueError("retrieval needs data.val.image_text (held-out image-caption pairs)")
+    """Matching held-out image-caption pairs (no negatives, no masks) for zero-shot retrieval, an equal
+    share from each image-text source's val split: ``pixel_values`` (n,3,H,W) float32, ``input_ids`` and
+    ``attention_mask`` (n,L) int64; pair i matches i."""
+    uris = [uri for kind, uri in held_out_sets(config).values() if kind == "image_text"]
+    if not uris:
+        raise ValueError(
+            "retrieval needs held-out image-caption pairs (an image_text source with a val split)"
+        )
     params, tokenizer = _resolve(config, params, tokenizer, ["image_text"])
-    rows, _ = held_out_rows(config, "image_text", params, tokenizer, max_pairs)
+    share = -(-max_pairs // len(uris))
+    parts = [held_out_rows(config, "image_text", params, tokenizer, share, uri)[0] for uri in uris]
     return {
-        "pixel_values": rows["pixel_values"],
-        "input_ids": rows["input_ids"].astype(np.int64),
-        "attention_mask": rows["attention_mask"].astype(np.int64),
+        name: np.concatenate([p[name] for p in parts])[:max_pairs].astype(dtype)
+        for name, dtype in (
+            ("pixel_values", np.float32),
+            ("input_ids", np.int64),
+            ("attention_mask", np.int64),
+        )
     }

@@ -7,7 +7,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from pipeline.config import KINDS, Config
-from pipeline.data.mixing import KindSampler, validate_ratios
+from pipeline.data.mixing import SourceSampler, mixture
 
 
 @dataclass
@@ -48,11 +48,12 @@ class RunRecord:
 
 
 def kind_sequence(config: Config, steps: int) -> list[str]:
-    """The kind of steps 1..``steps`` of an unfaulted run: a pure function of the ratios and ``data.seed``
-    (``KindSampler``, identical on every rank, across restarts and at every world size)."""
-    ratios = validate_ratios(config.data.ratios, [k for k, v in config.data.train.items() if v])
-    sampler = KindSampler(ratios, config.data.seed)
-    return [next(sampler) for _ in range(steps)]
+    """The kind of steps 1..``steps`` of an unfaulted run: that of its source, a pure function of the
+    ratios and ``data.seed`` (``SourceSampler``, identical on every rank, across restarts and at every
+    world size)."""
+    sources = config.data.named_sources()
+    sampler = SourceSampler(mixture(config.data), config.data.seed)
+    return [sources[next(sampler)].kind for _ in range(steps)]
 
 
 def expected_samples(config: Config, steps: int) -> dict[str, int]:

@@ -28,7 +28,7 @@ from model import build_flava
 from model.sharding import parallelize
 from pipeline.config import Config, from_dict, to_dict
 from pipeline.data.datasets import image_size_of, transform_params
-from pipeline.data.mixing import KindSampler, validate_ratios
+from pipeline.data.mixing import SourceSampler, mixture
 from pipeline.data.stream import to_torch
 from pipeline.data.validation import held_out_batches
 from pipeline.shards.format import read_manifest
@@ -54,20 +54,20 @@ class StepTimes:
 
 
 def step_batches(config: Config, steps: int, per_kind: int = 4) -> tuple[list[dict], int]:
-    """The batches of ``steps`` steps (kinds drawn by the ratios) as numpy dicts, and the vocab size."""
+    """The batches of ``steps`` steps (sources drawn by the ratios) as numpy dicts, and the vocab size."""
     config, tokenizer = fix_tokenizer(config)
-    kinds = validate_ratios(config.data.ratios, [k for k, v in config.data.train.items() if v])
-    manifests = {kind: read_manifest(config.data.train[kind], config.storage) for kind in kinds}
+    ratios, sources = mixture(config.data), config.data.named_sources()
+    manifests = {name: read_manifest(sources[name].train, config.storage) for name in ratios}
     params = transform_params(config, tokenizer, image_size_of(manifests))
-    train_sets = {k: config.data.train[k] for k in kinds}
+    train_sets = {name: (sources[name].kind, sources[name].train) for name in ratios}
     pool = held_out_batches(config, params, max_batches=per_kind, datasets=train_sets)
-    sampler = KindSampler(kinds, config.data.seed)
-    used = dict.fromkeys(kinds, 0)
+    sampler = SourceSampler(ratios, config.data.seed)
+    used = dict.fromkeys(ratios, 0)
     batches = []
     for _ in range(steps):
-        kind = next(sampler)
-        batches.append(pool[kind][used[kind] % len(pool[kind])])
-        used[kind] += 1
+        name = next(sampler)
+        batches.append(pool[name][used[name] % len(pool[name])])
+        used[name] += 1
     return batches, tokenizer.vocab_size
 
 

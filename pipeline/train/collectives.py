@@ -44,3 +44,14 @@ def mean_across_ranks(values: dict[str, float], device: torch.device) -> dict[st
         dist.all_reduce(packed)
         packed /= dist.get_world_size()
     return dict(zip(names, packed.tolist(), strict=True))
+
+
+def spread_across_ranks(values: list[float], device: torch.device) -> float:
+    """The largest difference between ranks of any of ``values`` (0 when every rank holds the same)."""
+    packed = torch.tensor(values, dtype=torch.float64, device=device)
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0.0
+    high, low = packed.clone(), packed.clone()
+    dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    dist.all_reduce(low, op=dist.ReduceOp.MIN)
+    return float((high - low).max().item())

@@ -54,14 +54,14 @@ class WorkerData:
         self.text_vocab_size = spec.params.text_vocab_size
         self._val: dict[str, list[dict]] | None = None
 
-    def next_kind(self) -> str:
-        return self.stream.next_kind()
+    def next_source(self) -> str:
+        return self.stream.next_source()
 
-    def next_batch(self, kind: str) -> dict:
-        return to_torch(self.stream.next_of(kind), self.device)
+    def next_batch(self, source: str) -> dict:
+        return to_torch(self.stream.next_of(source), self.device)
 
     def skip_counts(self) -> dict[str, float]:
-        """Shards and rows left out so far, by kind and reason, and totals (pipeline-wide: for rank 0)."""
+        """Shards and rows left out so far, by source and reason, and totals (pipeline-wide: for rank 0)."""
         counts = {k: v for k, v in self.stream.counters().items() if k.startswith("skipped_")}
         for what in ("skipped_shards", "skipped_rows"):
             counts[f"{what}/total"] = sum(v for k, v in counts.items() if k.startswith(f"{what}/"))
@@ -71,7 +71,7 @@ class WorkerData:
         """Read once, kept in memory as torch batches: validation then costs only the forwards."""
         if self._val is None:
             self._val = {
-                kind: [to_torch(b, self.device) for b in batches]
-                for kind, batches in held_out_batches(self.config, self.spec.params).items()
+                source: [to_torch(b, self.device) for b in batches]
+                for source, batches in held_out_batches(self.config, self.spec.params).items()
             }
         return self._val

@@ -45,6 +45,27 @@ def retrieval_metrics(
     return metrics
 
 
+def chance_losses(text_vocab_size: int, mim_vocab_size: int, pairs: int) -> dict[str, float]:
+    """Each loss at a uniform guess: the cross-entropy of a guess among its classes (``pairs``: the
+    candidates of the contrastive loss, the global batch of pairs)."""
+    text, image = math.log(text_vocab_size), math.log(mim_vocab_size)
+    return {
+        "mlm": text,
+        "mmm_text": text,
+        "mim": image,
+        "mmm_image": image,
+        "itm": math.log(2),
+        "global_contrastive": math.log(max(pairs, 2)),
+    }
+
+
+def normalized_loss(losses: dict[str, float], chance: dict[str, float]) -> float:
+    """The mean over a batch's losses of each divided by its value at a uniform guess: one scale for batches
+    of every kind (1 = guessing, 0 = perfect), which online mixing compares across sources."""
+    terms = [value / chance[name] for name, value in losses.items() if name in chance]
+    return sum(terms) / len(terms)
+
+
 def objective(metrics: dict[str, float], text_vocab_size: int, mim_vocab_size: int) -> float:
     terms = []
     if "val/text/mlm" in metrics:
@@ -65,18 +86,21 @@ def evaluate(
 ) -> dict[str, float]:
     """Mean held-out losses per kind, retrieval on the image-text pairs, and ``val/objective``.
 
-    ``val_batches`` are torch batches on the model's device (``WorkerData.val_batches``). Collective
-    under FSDP: every rank must pass the same batches (the held-out set is small and read identically by
-    all ranks), so all ranks run the same forwards and compute the same metrics.
+    ``val_batches`` are torch batches on the model's device by source (``WorkerData.val_batches``). A
+    kind's losses are the row-weighted means over the held-out batches of all its sources (its validation
+    set pools their val splits), and retrieval ranks the pairs of every image-text source together; a
+    source not named after its kind also gets its own ``val/source/<name>/<loss>``. Collective under FSDP:
+    every rank must pass the same batches (the held-out sets are small and read identically by all ranks),
+    so all ranks run the same forwards and compute the same metrics.
     """
     was_training = model.training
     model.eval()
-    metrics: dict[str, float] = {}
-    for kind, batches in val_batches.items():
-        sums: dict[str, float] = defaultdict(float)
-        rows = 0
-        images, texts, ids = [], [], []
+    sums: dict[str, dict[str, float]] = defaultdict(lambda: defaultdict(float))  # prefix -> loss -> sum
+    rows: dict[str, int] = defaultdict(int)
+    images, texts, ids = [], [], []
+    for source, batches in val_batches.items():
         for batch in batches:
+            kind = batch["kind"]
             size = next(v for v in batch.values() if isinstance(v, torch.Tensor)).shape[0]
             out = model(batch)
             if kind == "image_text":  # ITM negatives carry another sample's caption: true pairs only
@@ -84,13 +108,19 @@ def evaluate(
                 images.append(model.encode_image(batch["pixel_values"])[keep])
                 texts.append(model.encode_text(batch["input_ids"], batch["attention_mask"])[keep])
                 ids.append(batch["input_ids"][keep])
-            for name, value in out.losses.items():
-                sums[name] += value.item() * size
-            sums["total"] += out.loss.item() * size
-            rows += size
-        metrics.update({f"val/{kind}/{name}": total / rows for name, total in sums.items() if rows})
-        if images:
-            metrics.update(retrieval_metrics(torch.cat(images), torch.cat(texts), torch.cat(ids)))
+            prefixes = {f"val/{kind}", f"val/source/{source}"} if source != kind else {f"val/{kind}"}
+            for prefix in prefixes:
+                for name, value in out.losses.items():
+                    sums[prefix][name] += value.item() * size
+                sums[prefix]["total"] += out.loss.item() * size
+                rows[prefix] += size
+    metrics = {
+        f"{prefix}/{name}": total / rows[prefix]
+        for prefix, losses in sums.items()
+        for name, total in losses.items()
+    }
+    if images:
+        metrics.update(retrieval_metrics(torch.cat(images), torch.cat(texts), torch.cat(ids)))
     metrics["val/objective"] = objective(metrics, text_vocab_size, mim_vocab_size)
     model.train(was_training)
     return metrics

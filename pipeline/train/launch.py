@@ -20,11 +20,11 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from model import build_flava
 from model.checkpoint import spec_from_hf_config
 from pipeline import paths, storage
-from pipeline.config import KINDS, Config, to_dict
-from pipeline.data.datasets import TrainData, check_shards
-from pipeline.data.mixing import validate_ratios
+from pipeline.config import Config, to_dict
+from pipeline.data.datasets import TrainData, check_shards, reference_losses
+from pipeline.data.mixing import mixture
 from pipeline.data.order import partitions_for
-from pipeline.data.tokenizer import load_tokenizer
+from pipeline.data.tokenizer import has_text_train_data, load_tokenizer
 from pipeline.shards.format import Manifest, ShardIntegrityError, verify_dataset
 from pipeline.train import checkpoint as ckpt
 from pipeline.train import events, tracking
@@ -36,10 +36,6 @@ ROOT = Path(__file__).resolve().parents[2]
 
 class InputError(ValueError):
     """A bad input found before training starts (the message names it)."""
-
-
-def active_kinds(config: Config) -> list[str]:
-    return [k for k in KINDS if config.data.ratios.get(k, 0.0) > 0]
 
 
 def _model_geometry(config: Config, text_vocab_size: int):
@@ -54,8 +50,10 @@ def _model_geometry(config: Config, text_vocab_size: int):
         return build_flava(config.model.preset, **model_kwargs(config, text_vocab_size)).spec
 
 
-def _check_dataset(split: str, kind: str, uri: str, config: Config, spec) -> Manifest:
-    where = f"data.{split}.{kind} ({uri})"
+def _check_dataset(split: str, name: str, config: Config, spec) -> Manifest:
+    source = config.data.named_sources()[name]
+    kind, uri = source.kind, getattr(source, split)
+    where = f"{config.data.key_of(name, split)} ({uri})"
     try:
         if split == "train":  # sizes here; checksums when the datasets are built (build_train_data)
             manifest, _, _ = check_shards(uri, config.storage, False, config.data.on_corrupt_shard)
@@ -83,9 +81,10 @@ def _check_dataset(split: str, kind: str, uri: str, config: Config, spec) -> Man
 def validate_inputs(config: Config) -> dict[str, Manifest]:
     """Pre-flight on the driver: ratios, every needed manifest (present, non-empty, consistent with the
     model), the tokenizer, the MLflow server's answer to the job's credentials. Returns the manifests by
-    ``<split>/<kind>``; raises ``InputError``."""
+    ``<split>/<source>``; raises ``InputError``."""
     try:
-        validate_ratios(config.data.ratios, [k for k, v in config.data.train.items() if v])
+        active = mixture(config.data)
+        reference_losses(config)
     except ValueError as e:
         raise InputError(str(e)) from e
     check_world_sizes(config)
@@ -96,7 +95,7 @@ def validate_inputs(config: Config) -> dict[str, Manifest]:
         except (FileNotFoundError, OSError, ValueError) as e:
             raise InputError(f"data.tokenizer ({config.data.tokenizer}): {e}") from e
         text_vocab_size = tokenizer.vocab_size
-    elif not any(config.data.train.get(k) for k in ("text", "image_text")):
+    elif not has_text_train_data(config):
         raise InputError("data.tokenizer is empty and no text or image_text train dataset can train one")
     spec = _model_geometry(config, text_vocab_size)
     if config.model.init_checkpoint and not config.data.tokenizer:
@@ -111,12 +110,11 @@ def validate_inputs(config: Config) -> dict[str, Manifest]:
     except (PermissionError, ConnectionError) as e:
         raise InputError(f"mlflow.tracking_uri: {e}") from None
     manifests = {}
-    for kind in active_kinds(config):
-        manifests[f"train/{kind}"] = _check_dataset("train", kind, config.data.train[kind], config, spec)
-    for kind, uri in config.data.val.items():
-        if kind not in KINDS:
-            raise InputError(f"data.val.{kind}: unknown kind; kinds are {list(KINDS)}")
-        manifests[f"val/{kind}"] = _check_dataset("val", kind, uri, config, spec)
+    for name in active:
+        manifests[f"train/{name}"] = _check_dataset("train", name, config, spec)
+    for name, source in config.data.named_sources().items():
+        if source.val:
+            manifests[f"val/{name}"] = _check_dataset("val", name, config, spec)
     return manifests
 
 
@@ -185,7 +183,7 @@ def run_dir(config: Config) -> str:
 
 
 def check_data_unchanged(config: Config, data: TrainData, found: ckpt.Found | None) -> None:
-    """A resume must read on in the data it was reading: a kind whose shards changed since the checkpoint
+    """A resume must read on in the data it was reading: a source whose shards changed since the checkpoint
     is an error naming it (before any worker starts), unless ``data.on_changed_data=restart_epoch``."""
     saved = (found.extra.get("stream", {}).get("identity", {}) if found else {}) or {}
     changed = [
@@ -198,7 +196,7 @@ def check_data_unchanged(config: Config, data: TrainData, found: ckpt.Found | No
         raise InputError(
             f"the train data of {names} changed since the checkpoint at step {found.step} (other shards or "
             "checksums): resuming would not continue the same row order. Restore the data, or set "
-            "data.on_changed_data=restart_epoch to start that kind's epoch afresh over the new data"
+            "data.on_changed_data=restart_epoch to start that source's epoch afresh over the new data"
         )
 
 

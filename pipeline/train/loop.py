@@ -1,15 +1,17 @@
 """The training loop that runs inside every Ray Train worker (and inside every Ray Tune trial).
 
-Per step all ranks draw the same batch kind from the mixed stream, run ``grad_accum`` micro-batches of
-it through the FSDP2-sharded model, clip, step AdamW and the schedule. Rank 0 logs to MLflow and prints
-progress; every ``val_every`` steps all ranks validate and report the metrics (``val/objective`` for
-Tune); the checkpoint manager saves the training state when it is due. A (re)started worker group
-resumes from the newest complete checkpoint of the run.
+Per step all ranks draw the same data source (so the same batch kind) from the mixed stream, run
+``grad_accum`` micro-batches of it through the FSDP2-sharded model, clip, step AdamW and the schedule.
+Rank 0 logs to MLflow and prints progress; every ``val_every`` steps all ranks validate and report the
+metrics (``val/objective`` for Tune); the checkpoint manager saves the training state when it is due. A
+(re)started worker group resumes from the newest complete checkpoint of the run.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import json
 import logging
 import shutil
 import tempfile
@@ -27,14 +29,20 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from model import FlavaForPretraining, build_flava, load_hf_checkpoint, save_hf_checkpoint
 from model.sharding import parallelize
 from pipeline import storage
-from pipeline.config import KINDS, Config, from_dict
+from pipeline.config import KINDS, Config, dump_config, from_dict
+from pipeline.data.mixing import SOURCE_LOSSES
 from pipeline.data.reader import KEY_HASH_BITS
 from pipeline.data.tokenizer import load_tokenizer
 from pipeline.train import events
 from pipeline.train.checkpoint import CheckpointManager
-from pipeline.train.collectives import mean_across_ranks, rank_world, sum_across_ranks_mod
+from pipeline.train.collectives import (
+    mean_across_ranks,
+    rank_world,
+    spread_across_ranks,
+    sum_across_ranks_mod,
+)
 from pipeline.train.data_setup import WorkerData
-from pipeline.train.evaluate import evaluate
+from pipeline.train.evaluate import chance_losses, evaluate, normalized_loss
 from pipeline.train.optim import build_optimizer, build_scheduler
 from pipeline.train.tracking import Tracker
 
@@ -51,13 +59,18 @@ class Progress:
     loss_runs: dict[str, dict[str, int]] = field(default_factory=lambda: {k: {} for k in KINDS})
     time_step_s: float = 0.0  # summed over the steps trained: the run's data-wait fraction
     time_data_s: float = 0.0
+    samples_by_source: dict[str, int] = field(default_factory=dict)  # global, per source
+    steps_by_source: dict[str, int] = field(default_factory=dict)
+    # per source, a moving average of the normalised training loss: written at the end as the run's
+    # source_losses.json, the reference of a later data.mixing=doremi run
+    loss_by_source: dict[str, float] = field(default_factory=dict)
 
     def state_dict(self) -> dict:
         return asdict(self)
 
     def load_state_dict(self, state: dict) -> None:
-        for f in fields(self):
-            setattr(self, f.name, state[f.name])
+        for f in fields(self):  # a checkpoint from before named sources lacks the by-source counters
+            setattr(self, f.name, state.get(f.name, getattr(self, f.name)))
 
 
 def model_kwargs(config: Config, text_vocab_size: int) -> dict:
@@ -86,6 +99,16 @@ def build_sharded(config: Config, text_vocab_size: int, device: torch.device):
     )
     optimizer = build_optimizer(model, config.train)
     return model, optimizer, build_scheduler(optimizer, config.train)
+
+
+LOSS_AVERAGE = 0.9  # weight of the past in Progress.loss_by_source
+
+
+def _by_source(p: Progress) -> dict[str, float]:
+    return {
+        **{f"samples/source/{k}": float(v) for k, v in p.samples_by_source.items()},
+        **{f"steps/source/{k}": float(v) for k, v in p.steps_by_source.items()},
+    }
 
 
 def _memory_mb(device: torch.device) -> dict[str, float]:
@@ -163,6 +186,8 @@ class Trainer:
         self.expected = {kind: self.spec.losses_for(kind) for kind in KINDS}
         # the same at every world size: fewer ranks take larger shares (MixedStream.batch_rows)
         self.global_batch = config.data.batch_size * self.train.grad_accum * self.train.num_workers
+        pairs = config.data.batch_size * self.train.num_workers  # a micro-step's contrastive candidates
+        self.chance = chance_losses(self.spec.text_vocab_size, self.spec.mim_vocab_size, pairs)
         self.run_fs, self.run_dir = storage.resolve(
             storage.join(self.train.storage_path, self.train.run_name), config.storage
         )
@@ -194,16 +219,19 @@ class Trainer:
             )
         if found is not None:
             self.log(f"[train] resumed from {found.path} at step {self.progress.step}")
-        for kind in self.data.stream.restarted:  # data.on_changed_data=restart_epoch
+        for source in self.data.stream.restarted:  # data.on_changed_data=restart_epoch
             if self.rank == 0:
-                self.tracker.set_tags({f"data.restart.{kind}": f"step {self.progress.step}"})
-                events.record(self.run_fs, self.run_dir, "data_restart", kind=kind, step=self.progress.step)
+                self.tracker.set_tags({f"data.restart.{source}": f"step {self.progress.step}"})
+                events.record(
+                    self.run_fs, self.run_dir, "data_restart", source=source, step=self.progress.step
+                )
 
     def step(self) -> dict[str, float]:
         t0 = time.perf_counter()
-        kind = self.data.next_kind()
+        source = self.data.next_source()
+        kind = self.data.spec.kind_of(source)
         accum = self.train.grad_accum
-        batches = (self.data.next_batch(kind) for _ in range(accum))
+        batches = (self.data.next_batch(source) for _ in range(accum))
         losses, grad_norm, lr, wait = optimizer_step(
             self.model,
             self.optimizer,
@@ -217,12 +245,19 @@ class Trainer:
         p.step += 1
         p.steps_by_kind[kind] += 1
         p.samples[kind] += self.global_batch
+        p.steps_by_source[source] = p.steps_by_source.get(source, 0) + 1
+        p.samples_by_source[source] = p.samples_by_source.get(source, 0) + self.global_batch
         for name in self.expected[kind]:
             p.loss_runs[kind][name] = p.loss_runs[kind].get(name, 0) + accum
         step_time = time.perf_counter() - t0
         p.time_step_s += step_time
         p.time_data_s += wait
-        metrics = {f"train/{kind}/{n}": v for n, v in mean_across_ranks(dict(losses), self.device).items()}
+        losses = mean_across_ranks(dict(losses), self.device)
+        normalized = normalized_loss(losses, self.chance)
+        self.data.stream.observe(source, normalized)  # the same on every rank: the losses are all-reduced
+        previous = p.loss_by_source.get(source, normalized)
+        p.loss_by_source[source] = LOSS_AVERAGE * previous + (1 - LOSS_AVERAGE) * normalized
+        metrics = {f"train/{kind}/{n}": v for n, v in losses.items()}
         metrics.update(
             {
                 "train/lr": lr,
@@ -240,6 +275,20 @@ class Trainer:
                 **_memory_mb(self.device),
             }
         )
+        if self.data.spec.named:  # the sources' own curves beside the kinds'
+            metrics.update({f"train/source/{source}/{n}": v for n, v in losses.items()})
+            metrics[f"train/source/{source}/normalized"] = normalized
+            metrics.update(_by_source(p))
+        mixing = self.data.spec.mixing
+        if mixing.rule != "static" and (p.step % mixing.every == 0 or p.step == 1):
+            weights = self.data.stream.mixing.current()
+            spread = spread_across_ranks(list(weights.values()), self.device)
+            if spread > 0:  # every rank must draw the same source: the weights are computed, not sent
+                raise RuntimeError(
+                    f"online mixing weights differ across ranks by {spread:g} at step {p.step}"
+                )
+            metrics.update({f"mix/weight/{s}": w for s, w in weights.items()})
+            metrics["mix/rank_spread"] = spread
         metrics["_kind"] = kind  # for the progress line only
         return metrics
 
@@ -266,7 +315,46 @@ class Trainer:
         }
         out.update({f"samples/{k}": v for k, v in p.samples.items()})
         out.update({f"loss_runs/{k}/{n}": c for k, runs in p.loss_runs.items() for n, c in runs.items()})
+        if self.data.spec.named:
+            out.update(_by_source(p))
         return out
+
+    def write_mixing_outcome(self) -> None:
+        """Rank 0, at the end: the run's loss per source (``source_losses.json``, a later DoReMi run's
+        reference); with online mixing also ``mixing/``: the weights over the steps (a stacked-area PNG,
+        from the logged ``mix/weight/*``), the final and time-averaged weights, and a static config of the
+        time-averaged ones (DoReMi's output mixture). Logged to MLflow as artifacts ``mixing/``."""
+        base = storage.join(self.train.storage_path, self.train.run_name)
+        losses = json.dumps(dict(sorted(self.progress.loss_by_source.items())), indent=2).encode()
+        storage.write_bytes_atomic(storage.join(base, SOURCE_LOSSES), losses, self.config.storage)
+        policy = self.data.stream.mixing
+        if self.data.spec.mixing.rule == "static":
+            return
+        from pipeline.tune.report import mixing_weights_plot
+
+        history = {
+            s: [
+                (m.step, m.value)
+                for m in self.tracker.client.get_metric_history(self.tracker.run_id, f"mix/weight/{s}")
+            ]
+            for s in policy.sources
+        }
+        averaged = policy.time_averaged()
+        static = dataclasses.replace(
+            self.config.data, mixing="static", ratios={s: round(w, 4) for s, w in averaged.items()}
+        )
+        files = {
+            "weights.png": mixing_weights_plot(history),
+            "weights.json": json.dumps(
+                {"final": policy.current(), "time_averaged": averaged}, indent=2
+            ).encode(),
+            "recommended_config.yaml": dump_config(dataclasses.replace(self.config, data=static)).encode(),
+        }
+        with tempfile.TemporaryDirectory(prefix="flava-mixing-") as tmp:
+            for name, data in files.items():
+                (Path(tmp) / name).write_bytes(data)
+                storage.write_bytes_atomic(storage.join(base, "mixing", name), data, self.config.storage)
+            self.tracker.log_dir(tmp, "mixing")
 
     def export(self) -> str:
         """Collective gather of the full weights; rank 0 writes the transformers layout (plus the run's
@@ -330,6 +418,8 @@ class Trainer:
         if p.step == train.steps and train.export_model:
             final["export_uri"] = self.export()
         final.update(self.summary())
+        if p.step == train.steps and self.rank == 0:
+            self.write_mixing_outcome()
         if trained_now:  # the last step always gets a checkpoint: a rerun of the name finds it finished
             self.checkpoints.save(p.step, final)
         else:  # a rerun of a finished run: its final checkpoint is already there

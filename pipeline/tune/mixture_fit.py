@@ -63,13 +63,15 @@ class MixtureFit:
 
 
 def read_trials(trials_csv: str, source: str = "trials.csv") -> Trials:
-    """The finished trials (status COMPLETED, a finite objective) of a sweep's ``trials.csv``."""
+    """The finished trials (status ``report.COMPLETED``, a finite objective) of a sweep's ``trials.csv``."""
+    from pipeline.tune.report import COMPLETED
+
     rows = list(csv.DictReader(io.StringIO(trials_csv)))
     sources = [c.removeprefix(RATIO_PREFIX) for c in (rows[0] if rows else {}) if c.startswith(RATIO_PREFIX)]
     done = [
         r
         for r in rows
-        if r["status"] == "COMPLETED" and r["objective"] and math.isfinite(float(r["objective"]))
+        if r["status"] == COMPLETED and r["objective"] and math.isfinite(float(r["objective"]))
     ]
     weights = np.array([[float(r[RATIO_PREFIX + s]) for s in sources] for r in done]).reshape(
         -1, len(sources)

@@ -44,14 +44,14 @@ def best_trial(rows: list[TrialRow], mode: str) -> TrialRow | None:
     return pick(scored, key=lambda r: r.objective)
 
 
-def trials_csv(rows: list[TrialRow], kinds: list[str]) -> str:
+def trials_csv(rows: list[TrialRow], sources: list[str]) -> str:
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(
         [
             "trial_id",
             "status",
-            *[f"ratio_{k}" for k in kinds],
+            *[f"ratio_{k}" for k in sources],
             "lr",
             "objective",
             "step",
@@ -64,7 +64,7 @@ def trials_csv(rows: list[TrialRow], kinds: list[str]) -> str:
             [
                 r.trial_id,
                 r.status,
-                *[f"{r.ratios.get(k, 0.0):.6g}" for k in kinds],
+                *[f"{r.ratios.get(k, 0.0):.6g}" for k in sources],
                 f"{r.lr:.6g}",
                 "" if r.objective is None else f"{r.objective:.6g}",
                 "" if r.step is None else r.step,
@@ -75,13 +75,13 @@ def trials_csv(rows: list[TrialRow], kinds: list[str]) -> str:
     return out.getvalue()
 
 
-def summary_table(rows: list[TrialRow], kinds: list[str], objective_name: str) -> str:
+def summary_table(rows: list[TrialRow], sources: list[str], objective_name: str) -> str:
     """Fixed-width table, one line per trial, in trial order."""
-    header = ["trial", *kinds, "lr", objective_name, "step", "status"]
+    header = ["trial", *sources, "lr", objective_name, "step", "status"]
     body = [
         [
             r.trial_id,
-            *[f"{r.ratios[k]:.3f}" if k in r.ratios else "-" for k in kinds],
+            *[f"{r.ratios[k]:.3f}" if k in r.ratios else "-" for k in sources],
             f"{r.lr:.2e}",
             "-" if r.objective is None else f"{r.objective:.4f}",
             "-" if r.step is None else str(r.step),
@@ -105,9 +105,9 @@ def _ternary_xy(ratios: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return b + 0.5 * c, c * math.sqrt(3) / 2
 
 
-def _ternary_axes(kinds: list[str]):
+def _ternary_axes(sources: list[str]):
     fig, ax = plt.subplots(figsize=(7.2, 5.8))
-    for level in (0.2, 0.4, 0.6, 0.8):  # iso-ratio lines of each kind
+    for level in (0.2, 0.4, 0.6, 0.8):  # iso-ratio lines of each source
         for i in range(3):
             ends = np.zeros((2, 3))
             ends[:, i] = level
@@ -115,8 +115,8 @@ def _ternary_axes(kinds: list[str]):
             ax.plot(*_ternary_xy(ends), color="0.88", lw=0.8, zorder=0)
     xs, ys = _ternary_xy(np.vstack([np.eye(3), np.eye(3)[:1]]))
     ax.plot(xs, ys, color="0.3", lw=1, zorder=0)
-    for x, y, kind, dy in zip(xs[:3], ys[:3], kinds, (-0.04, -0.04, 0.03), strict=True):
-        ax.text(x, y + dy, f"{kind} = 1", ha="center", va="top" if dy < 0 else "bottom", fontsize=9)
+    for x, y, source, dy in zip(xs[:3], ys[:3], sources, (-0.04, -0.04, 0.03), strict=True):
+        ax.text(x, y + dy, f"{source} = 1", ha="center", va="top" if dy < 0 else "bottom", fontsize=9)
     ax.set_xlim(-0.15, 1.15)
     ax.set_ylim(-0.12, 1.0)
     ax.set_aspect("equal")
@@ -124,23 +124,23 @@ def _ternary_axes(kinds: list[str]):
     return fig, [ax]
 
 
-def objective_plot(rows: list[TrialRow], kinds: list[str], objective_name: str, mode: str) -> bytes:
-    """PNG: a ternary scatter for three kinds, else the objective against each kind's ratio.
+def objective_plot(rows: list[TrialRow], sources: list[str], objective_name: str, mode: str) -> bytes:
+    """PNG: a ternary scatter for three sources, else the objective against each source's ratio.
 
     Colour is the objective (brighter = better); circles finished, crosses were stopped early or failed.
     """
     scored = [r for r in rows if r.objective is not None and math.isfinite(r.objective)]
-    weights = np.array([[r.ratios.get(k, 0.0) for k in kinds] for r in scored]).reshape(
-        len(scored), len(kinds)
+    weights = np.array([[r.ratios.get(k, 0.0) for k in sources] for r in scored]).reshape(
+        len(scored), len(sources)
     )
     values = np.array([r.objective for r in scored])
     finished = np.array([r.status == COMPLETED for r in scored], dtype=bool)
     best = best_trial(rows, mode)
-    ternary = len(kinds) == 3
+    ternary = len(sources) == 3
     if ternary:
-        fig, axes = _ternary_axes(kinds)
+        fig, axes = _ternary_axes(sources)
     else:
-        fig, grid = plt.subplots(1, len(kinds), figsize=(4.0 * len(kinds), 3.6), squeeze=False)
+        fig, grid = plt.subplots(1, len(sources), figsize=(4.0 * len(sources), 3.6), squeeze=False)
         axes = list(grid[0])
     low, high = (values.min(), values.max()) if len(values) else (0.0, 1.0)
     colour = {"cmap": "viridis_r" if mode == "min" else "viridis", "vmin": low, "vmax": high}
@@ -148,7 +148,7 @@ def objective_plot(rows: list[TrialRow], kinds: list[str], objective_name: str, 
     for i, ax in enumerate(axes):
         x, y = _ternary_xy(weights) if ternary else (weights[:, i], values)
         if not ternary:
-            ax.set(xlabel=f"ratio of {kinds[i]}", ylabel=objective_name, xlim=(-0.05, 1.05))
+            ax.set(xlabel=f"ratio of {sources[i]}", ylabel=objective_name, xlim=(-0.05, 1.05))
             ax.grid(alpha=0.3)
         for mask, marker in ((finished, "o"), (~finished, "X")):
             if mask.any():
@@ -229,4 +229,18 @@ def mixture_surface_plot(
             ax.grid(alpha=0.3)
         grid[0][0].set_ylabel(f"mean predicted {name}")
     fig.suptitle(f"predicted {name} over {len(weights)} mixtures ({mode})")
+    return _png(fig)
+
+
+def mixing_weights_plot(history: dict[str, list[tuple[int, float]]]) -> bytes:
+    """PNG: the online mixing weights of each source over the training steps, stacked to 1."""
+    steps = sorted({step for points in history.values() for step, _ in points})
+    fig, ax = plt.subplots(figsize=(8, 4))
+    logged = {source: sorted(points) for source, points in history.items() if points}
+    if logged:
+        series = [np.interp(steps, *zip(*points, strict=True)) for points in logged.values()]
+        ax.stackplot(steps, series, labels=list(logged))
+    ax.set(xlabel="step", ylabel="sampling weight", ylim=(0, 1))
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)
+    fig.tight_layout()
     return _png(fig)

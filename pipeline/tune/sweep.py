@@ -32,7 +32,6 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from pipeline import paths, storage
 from pipeline.config import (
-    KINDS,
     Config,
     ConfigError,
     MLflowConfig,
@@ -47,7 +46,7 @@ from pipeline.train.tracking import Tracker, child_runs, find_or_create_run, fla
 from pipeline.tune import report
 from pipeline.tune.orphans import ReleaseOrphanedWorkerGroups
 from pipeline.tune.resources import TrialResources, derive_resources
-from pipeline.tune.space import num_trials, param_space, swept_kinds
+from pipeline.tune.space import num_trials, param_space, swept_sources
 
 OBJECTIVE = "val/objective"  # defined and reported by pipeline/train/evaluate.py; lower is better
 MODE = "min"
@@ -153,10 +152,10 @@ def _open_parent_run(config: Config, exp_uri: str, resources: TrialResources, n_
         tracking_uri=uri, experiment=config.mlflow.experiment, run_tags={SWEEP_TAG: config.tune.name}
     )
     run_id = find_or_create_run(uri, parent_cfg, run_key=f"sweep:{exp_uri}", run_name=config.tune.name)
-    kinds, _ = swept_kinds(config)
+    swept, _ = swept_sources(config)
     params = {
         **flatten({"tune": to_dict(config.tune)}),
-        "tune.kinds_swept": ",".join(kinds),
+        "tune.sources_swept": ",".join(swept),
         "tune.num_trials": str(n_trials),
         "tune.workers_per_trial": str(resources.workers_per_trial),
         "tune.max_concurrent_trials": str(resources.max_concurrent_trials),
@@ -270,9 +269,9 @@ def _write_artefacts(
     config: Config, exp_uri: str, rows: list[report.TrialRow], best: report.TrialRow | None, parent: Tracker
 ) -> str:
     """Writes the table, the plot and the best config beside the Tune experiment and into the parent run."""
-    swept, pinned = swept_kinds(config)
+    swept, pinned = swept_sources(config)
     files = {
-        ARTEFACTS["csv"]: report.trials_csv(rows, [k for k in KINDS if k in swept or k in pinned]).encode(),
+        ARTEFACTS["csv"]: report.trials_csv(rows, [*swept, *pinned]).encode(),
         ARTEFACTS["plot"]: report.objective_plot(rows, swept, OBJECTIVE, MODE),
     }
     if best is not None:
@@ -297,15 +296,15 @@ def shared_tokenizer(config: Config, exp_uri: str) -> Config:
 
 
 def validate_sweep(config: Config) -> Config:
-    """Everything checkable before Ray starts: the space, the scheduler, every swept kind's data.
+    """Everything checkable before Ray starts: the space, the scheduler, every swept source's data.
 
     Returns the config with absolute paths (what the trials receive). Raises ConfigError or InputError.
     """
     config = resolve_paths(config)
     param_space(config)
     _scheduler(config)
-    swept, pinned = swept_kinds(config)
-    # every swept kind gets a positive ratio in some trial: check all of their data before starting any
+    swept, pinned = swept_sources(config)
+    # every swept source gets a positive ratio in some trial: check all of their data before starting any
     launch.validate_inputs(
         apply_params(config, {"ratios": {**dict.fromkeys(pinned, 0.0), **dict.fromkeys(swept, 1.0)}})
     )
@@ -315,7 +314,7 @@ def validate_sweep(config: Config) -> Config:
 def run_sweep(config: Config) -> SweepOutcome:
     """Validates, runs (or resumes) the sweep on the connected Ray cluster, writes and prints the results."""
     config = validate_sweep(config)
-    swept, _ = swept_kinds(config)
+    swept, _ = swept_sources(config)
     n_trials = num_trials(config)
     resources = derive_resources(ray.cluster_resources(), config, n_trials)
     exp_uri = experiment_uri(config)

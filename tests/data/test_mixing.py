@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from pipeline.config import ConfigError, load_config
-from pipeline.data.mixing import KindSampler, validate_ratios
+from pipeline.data.mixing import SourceSampler, validate_ratios
 
 ALL = ("image_text", "image", "text")
 
@@ -37,7 +37,7 @@ def test_ratios_wrong_on_their_own_fail_at_load(ratios, message):
     "ratios,configured,message",
     [
         ({"image_text": 1}, ["image_text", "text"], r"no ratio for configured train dataset\(s\) \['text'\]"),
-        ({"image_text": 1, "text": 1}, ["text"], r"\['image_text'\] have ratio > 0 but no dataset"),
+        ({"image_text": 1, "text": 1}, ["text"], r"\['image_text'\] have ratio > 0 but no train dataset"),
     ],
 )
 def test_ratios_that_do_not_fit_the_datasets_fail_pre_flight(ratios, configured, message):
@@ -47,20 +47,20 @@ def test_ratios_that_do_not_fit_the_datasets_fail_pre_flight(ratios, configured,
 
 def test_sampler_follows_ratios_and_restores_its_sequence():
     ratios = {"image_text": 0.5, "image": 0.3, "text": 0.2}
-    a, b = KindSampler(ratios, 3), KindSampler(ratios, 3)
+    a, b = SourceSampler(ratios, 3), SourceSampler(ratios, 3)
     first = [next(a) for _ in range(4000)]
     assert first == [next(b) for _ in range(4000)]
     for kind, p in ratios.items():  # binomial sd <= 0.008 at n=4000: 0.03 is > 3.5 sd
         assert abs(first.count(kind) / 4000 - p) < 0.03
     state = a.state_dict()
     ahead = [next(a) for _ in range(50)]
-    c = KindSampler(ratios, 99)
+    c = SourceSampler(ratios, 99)
     c.load_state_dict(state)
     assert [next(c) for _ in range(50)] == ahead and c.steps == 4050
-    with pytest.raises(ValueError, match="sampler state is for kinds"):
-        KindSampler({"text": 1.0}, 3).load_state_dict(state)
+    with pytest.raises(ValueError, match="sampler state is for sources"):
+        SourceSampler({"text": 1.0}, 3).load_state_dict(state)
 
 
 def test_zero_ratio_kind_is_never_drawn():
-    s = KindSampler(validate_ratios({"image_text": 1, "image": 0, "text": 1}, ALL), 0)
+    s = SourceSampler(validate_ratios({"image_text": 1, "image": 0, "text": 1}, ALL), 0)
     assert set(np.unique([next(s) for _ in range(500)])) == {"image_text", "text"}

@@ -12,7 +12,7 @@ SHARDS = (50, 13, 64, 7, 40)  # 174 rows
 
 
 def order(epoch: int = 0, seed: int = 3, partitions: int = 4, window: int = 16, global_rows: int = 8):
-    return EpochOrder(SHARDS, global_rows, partitions, window, seed, kind_index=1, epoch=epoch)
+    return EpochOrder(SHARDS, global_rows, partitions, window, seed, seed_index=1, epoch=epoch)
 
 
 def keys(rows: tuple[np.ndarray, np.ndarray]) -> list[tuple[int, int]]:
@@ -63,9 +63,11 @@ def test_shuffling_is_real_within_windows_and_across_shards():
 
 
 def test_batches_count_on_through_epochs():
-    from pipeline.data.order import DataOrder, KindSource
+    from pipeline.data.order import DataOrder, SourceShards
 
-    source = KindSource("text", 2, "/d", ("a", "b"), (20, 13), "id")  # 33 rows: 4 batches of 8 an epoch
+    source = SourceShards(
+        "text", "text", 2, "/d", ("a", "b"), (20, 13), "id"
+    )  # 33 rows: 4 batches of 8 an epoch
     layout = DataOrder({"text": source}, global_rows=8, partitions=1, shuffle_window=8, seed=0)
     assert layout.order("text", 0).batches == 4
     assert layout.batches("text", 0, 0, 6) == [(0, 0), (0, 1), (0, 2), (0, 3), (1, 0), (1, 1)]

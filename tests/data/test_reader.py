@@ -10,7 +10,7 @@ import pytest
 from pipeline.config import StorageConfig, load_config
 from pipeline.data import reader
 from pipeline.data.datasets import build_train_data
-from pipeline.data.reader import KindReader, key_hash, stand_ins
+from pipeline.data.reader import SourceReader, key_hash, stand_ins
 from pipeline.data.synthetic import write_synthetic_dataset
 
 
@@ -31,7 +31,7 @@ def spec(ray_cluster, tokenizer, tmp_path_factory):
 def batches(
     spec, rank: int, world: int, epoch: int, first: int, count: int
 ) -> list[tuple[int, int, np.ndarray]]:
-    reader = KindReader(spec, "image_text", rank, world).epochs(epoch, first)
+    reader = SourceReader(spec, "image_text", rank, world).epochs(epoch, first)
     try:
         return [(e, b, rows["key_hash"]) for (e, b, rows), _ in zip(reader, range(count), strict=False)]
     finally:
@@ -44,7 +44,7 @@ def test_the_reader_reads_exactly_the_rows_the_order_names(spec):
         pq.read_table(f"{source.uri}/{name}", columns=["key"]).column("key").to_pylist()
         for name in source.files
     ]
-    order = KindReader(spec, "image_text", 0, 1).order(0)
+    order = SourceReader(spec, "image_text", 0, 1).order(0)
     for e, b, hashes in batches(spec, 0, 1, 0, 0, 6):
         shards, rows = order.rows_of_batch(b)
         assert (
@@ -66,7 +66,7 @@ def test_tasks_that_split_a_ranks_partitions_give_the_same_batches(spec, monkeyp
     whole = batches(spec, 0, 1, 0, 1, 4)  # one task per 128 rows: both partitions in a task
     monkeypatch.setattr(reader, "ROWS_PER_TASK", 8)  # one task per batch slice of one partition
     monkeypatch.setattr(reader, "STAND_IN_ROWS", 8)  # (clean rows: where stand-ins come from is moot)
-    assert len(reader.tasks_for(reader.KindReader(spec, "image_text", 0, 1).order(0), range(2), 1, 8)) == 10
+    assert len(reader.tasks_for(reader.SourceReader(spec, "image_text", 0, 1).order(0), range(2), 1, 8)) == 10
     split = batches(spec, 0, 1, 0, 1, 4)
     assert [(e, b, k.tolist()) for e, b, k in split] == [(e, b, k.tolist()) for e, b, k in whole]
 

@@ -22,7 +22,7 @@ def test_held_out_batches_are_fixed_and_unflipped(data_config, tokenizer):
             assert a["kind"] == kind and set(a) == {"kind", *BATCH_KEYS[kind]}
             for key in BATCH_KEYS[kind]:
                 np.testing.assert_array_equal(a[key], b[key])
-    rows, _ = held_out_rows(config, "image", params, tokenizer, 8)
+    rows, _ = held_out_rows(config, "image", params, tokenizer, 8, config.data.val["image"])
     np.testing.assert_array_equal(first["image"][0]["pixel_values"], rows["pixel_values"])  # no flip
     np.testing.assert_array_equal(first["image"][0]["mim_labels"], rows["dvae_codes"])
     assert (first["image_text"][0]["itm_labels"] == 0).sum() == 2  # 25% of 8: ITM val loss has negatives
@@ -32,7 +32,7 @@ def test_retrieval_pairs_have_no_negatives(data_config, tokenizer):
     config = data_config()
     params = transform_params(config, tokenizer, 64)
     pairs = retrieval_pairs(config, params, tokenizer, max_pairs=20)
-    rows, _ = held_out_rows(config, "image_text", params, tokenizer, 20)
+    rows, _ = held_out_rows(config, "image_text", params, tokenizer, 20, config.data.val["image_text"])
     assert pairs["pixel_values"].shape == (20, 3, 64, 64) and pairs["input_ids"].dtype == np.int64
     np.testing.assert_array_equal(pairs["input_ids"], rows["input_ids"])  # caption i belongs to image i
 

@@ -354,7 +354,7 @@ def _job(docs: tuple[dict, ...], script: str) -> dict:
         ("tune.scheduler=hyperband", "rejects the entrypoint"),  # not one of asha | none: the parser says so
         ("tune.grace_period=50", "exceeds train.steps"),  # ASHA could never stop a trial
         ("tune.search=bayes", "rejects the entrypoint"),
-        ("tune.kinds=[audio]", "rejects the entrypoint"),
+        ("tune.sources=[audio, audio]", "rejects the entrypoint"),
         ("tune.workers_per_trial=4", "does not fit the Ray cluster"),  # 4 worker CPUs, 1 kept for data
     ],
 )

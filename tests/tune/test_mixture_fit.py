@@ -65,11 +65,11 @@ def test_too_few_trials_is_an_error_naming_the_need():
 
 def trial_rows(trials: Trials, run_ids: list[str]) -> list[report.TrialRow]:
     rows = [
-        report.TrialRow(t, "COMPLETED", dict(zip(trials.sources, w, strict=True)), 1e-3, float(o), 40, r)
+        report.TrialRow(t, report.COMPLETED, dict(zip(trials.sources, w, strict=True)), 1e-3, float(o), 40, r)
         for t, w, o, r in zip(trials.trial_ids, trials.weights, trials.objective, run_ids, strict=True)
     ]
     stopped = dict.fromkeys(trials.sources, 1 / len(trials.sources))
-    rows.append(report.TrialRow("stopped", "STOPPED", stopped, 1e-3, 9.0, 10))
+    rows.append(report.TrialRow("stopped", report.STOPPED, stopped, 1e-3, 9.0, 10))
     return rows
 
 

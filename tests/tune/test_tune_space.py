@@ -9,7 +9,7 @@ import pytest
 from ray.tune.search.variant_generator import generate_variants
 
 from pipeline.config import ConfigError, load_config
-from pipeline.tune.space import Simplex, num_trials, param_space, simplex_grid, swept_kinds
+from pipeline.tune.space import Simplex, num_trials, param_space, simplex_grid, swept_sources
 
 THREE = "data.train={image_text: /d/it, image: /d/im, text: /d/tx}"
 
@@ -75,9 +75,43 @@ def test_regmix_space_takes_the_natural_share_from_the_manifests(tmp_path):
     assert "natural share" in domain.domain_str
 
 
-def test_kinds_left_out_are_pinned_at_zero():
-    config = load_config(None, [THREE, "tune.kinds=[image_text, text]", "tune.num_samples=5"])
-    swept, pinned = swept_kinds(config)
+def test_regmix_over_named_sources_centres_on_their_row_shares(tmp_path):
+    """Five sources of three kinds: the simplex is over the sources, its prior their rows' shares."""
+    import json
+
+    from pipeline.config import StorageConfig
+    from pipeline.data.synthetic import write_synthetic_dataset
+
+    rows = {"pairs-a": ("image_text", 40), "pairs-b": ("image_text", 10), "clip": ("image", 20)}
+    rows |= {"gloss": ("text", 20), "news": ("text", 10)}
+    for name, (kind, n) in rows.items():
+        write_synthetic_dataset(str(tmp_path / name), kind, n, 2, 32, StorageConfig())
+    sources = {name: {"kind": kind, "train": str(tmp_path / name)} for name, (kind, _) in rows.items()}
+    config = load_config(
+        None,
+        [
+            f"data.sources={json.dumps(sources)}",
+            f"data.ratios={json.dumps(dict.fromkeys(rows, 1))}",
+            "tune.search=regmix",
+            "tune.sources=[pairs-a, pairs-b, clip, gloss]",
+            "tune.num_samples=400",
+        ],
+    )
+    assert swept_sources(config) == (["pairs-a", "pairs-b", "clip", "gloss"], ("news",))
+    domain = param_space(config)["ratios"]
+    natural = np.array([40, 10, 20, 20]) / 90  # the rows of the swept sources
+    assert np.allclose(domain.natural, natural)
+    out = variants(config, seed=0)
+    assert all(set(r["ratios"]) == set(rows) for r in out)
+    for r in out:
+        assert_on_simplex(r["ratios"], pinned=("news",))
+    mean = np.array([[r["ratios"][k] for k in ("pairs-a", "pairs-b", "clip", "gloss")] for r in out]).mean(0)
+    assert np.allclose(mean, natural, atol=0.05)
+
+
+def test_sources_left_out_are_pinned_at_zero():
+    config = load_config(None, [THREE, "tune.sources=[image_text, text]", "tune.num_samples=5"])
+    swept, pinned = swept_sources(config)
     assert (swept, pinned) == (["image_text", "text"], ("image",))
     out = variants(config, seed=0)
     assert len(out) == 5
@@ -86,9 +120,9 @@ def test_kinds_left_out_are_pinned_at_zero():
         assert_on_simplex(resolved["ratios"], pinned=("image",))
 
 
-def test_default_kinds_are_those_with_training_data():
+def test_default_sources_are_those_with_training_data():
     config = load_config(None, ["data.train={image: /d/im, text: /d/tx}", "data.ratios={image: 1, text: 1}"])
-    assert swept_kinds(config) == (["image", "text"], ())
+    assert swept_sources(config) == (["image", "text"], ())
 
 
 @pytest.mark.parametrize("kinds", [1, 2, 3, 4])
@@ -130,9 +164,13 @@ def test_random_space_samples_lr_from_the_choices():
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["tune.kinds=[video]"], r"tune.kinds\[0\]: expected one of image_text \| image \| text"),
-        (["tune.kinds=[text, text]"], "listed twice"),
-        (["data.train={text: /d/tx}", "tune.kinds=[image]"], "no training dataset"),
+        (["tune.sources=[video]"], r"tune.sources \['video'\]: no such data source"),
+        (["tune.sources=[text, text]"], "listed twice"),
+        (["data.train={text: /d/tx}", "tune.sources=[image]"], "no such data source"),
+        (
+            ["data.train={text: /d/tx}", "data.val={image: /d/iv}", "tune.sources=[image]"],
+            "no training dataset",
+        ),
         (["data.train={}"], "nothing to sweep"),
         (["tune.search=bayes"], "tune.search"),
         (["tune.grid_steps=0", "tune.search=grid"], "grid_steps"),

@@ -55,7 +55,7 @@ def sweep_overrides(demo: Path, work: Path) -> list[str]:
         f"mlflow.tracking_uri=sqlite:///{work / 'mlflow.db'}",
         "mlflow.experiment=tune-e2e",
         "tune.search=grid",
-        "tune.kinds=[image_text, image]",
+        "tune.sources=[image_text, image]",
         "tune.grid_steps=1",
         f"tune.lr_choices=[{GOOD_LR:.1e}, {TINY_LR:.1e}]",
         "tune.num_samples=1",
