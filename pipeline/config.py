@@ -222,8 +222,6 @@ class DataConfig:
         c.fraction("mixing_decay")
         if not 0.0 < self.mixing_smoothing <= 1.0:
             c.fail("mixing_smoothing", "must be in (0, 1]: it keeps every weight above 0")
-        if self.mixing == "doremi" and not self.mixing_reference:
-            c.fail("mixing_reference", "data.mixing=doremi needs a reference run's directory")
         if self.sources and (self.train or self.val):
             c.fail("sources", "give datasets either as data.sources or as data.train/data.val, not both")
         bad_names = sorted(n for n in self.sources if not SOURCE_NAME.fullmatch(n))

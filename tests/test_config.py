@@ -133,6 +133,7 @@ def test_the_closed_sets_are_the_expected_ones():
         "prepare.image_format",
         "data.on_corrupt_shard",
         "data.on_changed_data",
+        "data.mixing",
         "model.preset",
         "train.precision",
         "tune.search",

@@ -242,6 +242,8 @@ def reference_losses(config: Config) -> dict[str, float] | None:
     data = config.data
     if data.mixing != "doremi":
         return None
+    if not data.mixing_reference:
+        raise ValueError("data.mixing=doremi needs data.mixing_reference: a finished run's directory")
     uri = storage.join(data.mixing_reference, SOURCE_LOSSES)
     if not storage.exists(uri, config.storage):
         raise ValueError(
