@@ -1,6 +1,6 @@
 """The mixed stream inside a real TorchTrainer of 2 workers (gloo, CPU) that only consumes batches: the same
-kind and epoch on both ranks at every step, disjoint equal shares of every global batch, a restored state
-that continues the sequence."""
+kind and epoch on both ranks at every step, disjoint equal shares of every global batch and of every
+epoch, a restored state that continues the sequence."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import KINDS, StorageConfig, load_config
+from pipeline.data.reader import keys_digest
 from pipeline.data.synthetic import write_synthetic_dataset
 
 STEPS = 200
@@ -31,7 +32,7 @@ def consume(loop_config: dict) -> None:
 
     spec, steps = loop_config["spec"], loop_config["steps"]
     stream = MixedStream(spec)
-    kinds, sizes, epochs_at, digests = [], [], [], []
+    kinds, sizes, epochs_at, hashes = [], [], [], []
     state = None
     for step in range(steps):
         if step == steps // 2:
@@ -39,13 +40,11 @@ def consume(loop_config: dict) -> None:
         batch = to_torch(next(stream))
         kinds.append(KINDS.index(batch["kind"]))
         sizes.append(len(batch["attention_mask" if batch["kind"] == "text" else "pixel_values"]))
-        digests.append(stream.take_keys_digest())
+        hashes.append(stream.take_key_hashes().tolist())
         epochs_at.append([stream.counters()[f"epoch/{k}"] for k in spec.kinds] if step % 10 == 0 else None)
     stream.close()
     gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(
-        gathered, {"kinds": kinds, "sizes": sizes, "epochs": epochs_at, "digests": digests}
-    )
+    dist.all_gather_object(gathered, {"kinds": kinds, "sizes": sizes, "epochs": epochs_at, "hashes": hashes})
     resumed = MixedStream(spec)  # a restarted worker: fresh stream, restored state, no batch drawn yet
     resumed.load_state_dict(state)
     replay = [KINDS.index(resumed.next_kind()) for _ in range(steps - steps // 2)]
@@ -106,13 +105,37 @@ def test_two_ranks_share_the_kind_sequence(ray_cluster, train_root, tokenizer, t
     assert metrics["replay"] == rank0["kinds"][STEPS // 2 :]  # restored sampler state continues the sequence
     # row by row: at every step each rank trained exactly its slice of the order's global batch
     expected = expected_shares(data.spec, [KINDS[i] for i in rank0["kinds"]])
-    assert [rank0["digests"], rank1["digests"]] == expected
+    assert [[keys_digest(np.array(h)) for h in r["hashes"]] for r in (rank0, rank1)] == expected
+    for i, kind in enumerate(KINDS):
+        check_epochs_split_evenly(kind, [r["hashes"] for r in (rank0, rank1)], rank0["kinds"], i, data.spec)
+
+
+def check_epochs_split_evenly(kind, hashes_by_rank, kinds, kind_index, spec) -> None:
+    """Independently of ``pipeline.data.order``: in every complete epoch of ``kind`` the two ranks train
+    disjoint sets of rows of equal size, no row twice, and together every row of the shards but a tail
+    of less than one global batch (ROWS // 16 global batches of 2 x 8 rows per epoch, as documented)."""
+    from pipeline.data.reader import key_hash
+
+    source = spec.layout.sources[kind]
+    shards = [pq.read_table(f"{source.uri}/{f}", columns=["key"]) for f in source.files]
+    every_row = set(key_hash([k for shard in shards for k in shard.column("key").to_pylist()]))
+    assert len(every_row) == ROWS[kind]
+    per_epoch = ROWS[kind] // (2 * BATCH)
+    steps = [step for step, k in enumerate(kinds) if k == kind_index]
+    epochs = [steps[e * per_epoch : (e + 1) * per_epoch] for e in range(len(steps) // per_epoch)]
+    assert len(epochs) >= 2, kind
+    for epoch in epochs:
+        shares = [[h for step in epoch for h in ranks[step]] for ranks in hashes_by_rank]
+        assert len(shares[0]) == len(shares[1]) == per_epoch * BATCH, kind
+        assert all(len(set(share)) == len(share) for share in shares), kind  # no row twice in an epoch
+        assert not set(shares[0]) & set(shares[1]), kind  # disjoint
+        assert set(shares[0]) | set(shares[1]) <= every_row, kind
 
 
 def expected_shares(spec, kinds: list[str]) -> list[list[int]]:
     """Per rank of 2, per step: the fingerprint of the rows ``pipeline.data.order`` gives that rank, read
     from the shards here (not through the reader)."""
-    from pipeline.data.reader import KindReader, key_hash, keys_digest
+    from pipeline.data.reader import KindReader, key_hash
 
     keys = {
         kind: [pq.read_table(f"{s.uri}/{f}", columns=["key"]).column("key").to_pylist() for f in s.files]
