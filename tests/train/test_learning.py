@@ -22,17 +22,8 @@ STEPS = 60
 FACTOR = 5.0
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny matmuls on a loaded 2-core machine run ~10x slower split over two threads than on one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.mark.parametrize("kind", KINDS)
-def test_tiny_flava_overfits_one_batch(kind, one_thread):
+def test_tiny_flava_overfits_one_batch(kind):
     torch.manual_seed(0)
     model = build_flava("tiny", text_vocab_size=60, mim_vocab_size=50)
     train = TrainConfig(lr=1e-3, warmup_steps=0, min_lr_ratio=1.0, steps=STEPS)
