@@ -25,6 +25,7 @@ from pipeline.shards.codebook import ImageCodebook, decode_image
 from pipeline.shards.prepare import (
     PrepareError,
     ShardTask,
+    assign_shards,
     execute,
     format_report,
     load_shard,
@@ -32,6 +33,7 @@ from pipeline.shards.prepare import (
     prepare,
     write_shard_task,
 )
+from pipeline.shards.sources import RawRef
 
 LOCAL = StorageConfig()
 
@@ -279,3 +281,19 @@ def test_random_init_codebook_warns_loudly_and_is_recorded(ray_cluster, tmp_path
     manifest = fmt.verify_dataset(str(tmp_path / "out"), LOCAL)
     assert manifest.codebook.identity == "random-init(7)"
     assert manifest.codebook.name == "flava-image-codebook(hidden_size=16)"
+
+
+def test_shard_bytes_cuts_before_the_record_that_would_pass_it():
+    """README: a new shard starts once the current one holds ``shard_rows`` records, or once the next
+    record would push its estimated size past ``shard_bytes`` (text: its raw length; image: its raw size,
+    at most the canonical pixels, plus two code grids)."""
+    texts = [RawRef(f"t{i}", f"t{i}", size_hint=n) for i, n in enumerate([40, 40, 30, 50, 10, 150, 5])]
+    prep = small_prep(shard_rows=3, shard_bytes=100)
+    cut = [[r.size_hint for r in shard] for shard in assign_shards(texts, prep, "text")]
+    # 40+40 (+30 > 100) | 30+50+10 (3 rows) | 150 alone (over the limit on its own) | 5
+    assert cut == [[40, 40], [30, 50, 10], [150], [5]]
+    # images of 32 px: at most 3 * 32 * 32 = 3072 bytes of pixels + 4 * 2 * 2 bytes of codes (patch 16)
+    images = [RawRef(f"i{i}", f"i{i}", size_hint=n) for i, n in enumerate([3000, 9000, 10, 10])]
+    prep = small_prep(shard_rows=10, shard_bytes=3000 + 16 + 3072 + 16)
+    cut = [[r.size_hint for r in shard] for shard in assign_shards(images, prep, "image")]
+    assert cut == [[3000, 9000], [10, 10]]  # 9000 counts as 3072 + 16: the pair fits exactly
