@@ -7,8 +7,8 @@ import json
 import pickle
 from collections import Counter
 
-import numpy as np
 import pytest
+from codebook_oracle import check_rows, random_init_codebook
 from raw_fixtures import (
     BAD_PAIRS,
     captioned_folder,
@@ -21,7 +21,7 @@ from raw_fixtures import (
 
 from pipeline.config import StorageConfig
 from pipeline.shards import format as fmt
-from pipeline.shards.codebook import ImageCodebook, decode_image
+from pipeline.shards.codebook import decode_image
 from pipeline.shards.prepare import (
     PrepareError,
     ShardTask,
@@ -111,13 +111,10 @@ def test_every_bad_input_is_skipped_and_counted(prepared):
 
 @pytest.mark.parametrize("name", ["pairs", "images"])
 def test_codes_are_those_of_the_stored_image(prepared, name):
-    """Decoding the stored bytes and running the same codebook, one image at a time, gives the codes."""
-    _, rows = _rows(str(prepared["out"] / name))
-    codebook = ImageCodebook(prepared["prep"], LOCAL, device="cpu")
-    for row in rows:
-        codes, flipped = codebook.codes([row["image"]])
-        np.testing.assert_array_equal(codes[0], row["dvae_codes"])
-        np.testing.assert_array_equal(flipped[0], row["dvae_codes_flipped"])
+    """The independent oracle (``codebook_oracle``, no ``pipeline.shards.codebook``) recomputes every row's
+    codes from its stored image, one image at a time."""
+    manifest, rows = _rows(str(prepared["out"] / name))
+    check_rows(random_init_codebook(manifest.codebook), rows, manifest.codebook.input_size)
     # the codes of a flipped image are not the flipped grid of codes, hence the second column
     assert any(r["dvae_codes"] != r["dvae_codes_flipped"] for r in rows)
 
@@ -281,6 +278,37 @@ def test_random_init_codebook_warns_loudly_and_is_recorded(ray_cluster, tmp_path
     manifest = fmt.verify_dataset(str(tmp_path / "out"), LOCAL)
     assert manifest.codebook.identity == "random-init(7)"
     assert manifest.codebook.name == "flava-image-codebook(hidden_size=16)"
+
+
+def test_a_rerun_recomputes_exactly_the_shards_whose_inputs_settings_or_codebook_changed(
+    ray_cluster, tmp_path
+):
+    """20 pairs in 4 shards of 5. A shard is recomputed when one of its inputs changed (an image replaced,
+    a caption edited), every image shard when an image setting or the codebook changed, none otherwise.
+    Which shards were written is read from the files' modification times, not from the report alone."""
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    captioned_folder(raw, 20)
+    prep = small_prep(source="captioned_folder", inputs=[str(raw)], output=str(out), shard_rows=5)
+
+    def run(prep) -> tuple[int, list[int]]:
+        before = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.parquet")}
+        report = prepare(prep, LOCAL)
+        after = {p.name: p.stat().st_mtime_ns for p in sorted(out.glob("shard-*.parquet"))}
+        assert len(after) == 4 and fmt.verify_dataset(str(out), LOCAL)
+        return report.rows_computed, [i for i, (n, t) in enumerate(after.items()) if before.get(n) != t]
+
+    assert run(prep) == (20, [0, 1, 2, 3])
+    assert run(prep) == (0, [])  # nothing changed
+    (raw / "img007.png").write_bytes(image_bytes(500, size=(56, 40)))  # shard 1: another picture
+    assert run(prep) == (5, [1])
+    captions = raw / "captions.jsonl"
+    captions.write_text(captions.read_text().replace("picture number 13", "picture number XIII"))
+    assert run(prep) == (5, [2])  # shard 2: an edited caption
+    assert run(dataclasses.replace(prep, jpeg_quality=80, image_format="jpeg")) == (20, [0, 1, 2, 3])
+    assert run(dataclasses.replace(prep, jpeg_quality=80, image_format="jpeg", codebook_seed=1)) == (
+        20,
+        [0, 1, 2, 3],
+    )
 
 
 def test_shard_bytes_cuts_before_the_record_that_would_pass_it():
