@@ -23,6 +23,16 @@ os.environ.update(
 )
 
 
+def pytest_configure(config):
+    """One intra-op torch thread in the test process: the models here are tiny, and two threads on the
+    2 shared cores fight each other and the Ray workers (measured: tests/model/test_flava.py and
+    test_parity.py took 289 s with 2 threads, 52 s with 1, on a loaded machine; CPU time 22 s vs 10 s).
+    Ray workers and spawned ranks set their own thread counts."""
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory):
     """A real Ray cluster of two nodes on this machine (``pipeline.drills.nodes.LocalCluster``: a head and

@@ -31,7 +31,6 @@ import numpy as np
 from pipeline.data.datasets import StreamSpec
 from pipeline.data.reader import (
     BOOKKEEPING,
-    KEY_HASH_BITS,
     SourceReader,
     keys_digest,
     skipped,
@@ -138,7 +137,7 @@ class MixedStream:
         self._position = {name: (0, 0) for name in spec.sources}  # (epoch, next global batch) handed out
         self._samples: Counter = Counter()
         self._batches: Counter = Counter()
-        self._digest = 0
+        self._key_hashes: list[np.ndarray] = []  # of the batches handed out since take_key_hashes
         self.restarted: list[str] = []  # sources whose changed data restarted their epoch on resume
         self._wait_s = 0.0
         self._augment_s = 0.0
@@ -175,7 +174,7 @@ class MixedStream:
         self._augment_s += time.perf_counter() - waited
         self._wait_s += waited - start
         self._position[name] = (epoch, batch_index + 1)
-        self._digest = (self._digest + keys_digest(rows["key_hash"])) % (1 << KEY_HASH_BITS)
+        self._key_hashes.append(rows["key_hash"])
         replaced = skipped(rows)
         if replaced and self.spec.skip_counter is not None:  # rows trained, counted once over all ranks
             self.spec.skip_counter.add.remote({f"{name}/{reason}": n for reason, n in replaced.items()})
@@ -208,11 +207,15 @@ class MixedStream:
             )
         return reader
 
+    def take_key_hashes(self) -> np.ndarray:
+        """The key hashes (``reader.key_hash``) of the rows this rank was handed since the last call."""
+        hashes, self._key_hashes = self._key_hashes, []
+        return np.concatenate(hashes) if hashes else np.zeros(0, dtype=np.int64)
+
     def take_keys_digest(self) -> int:
-        """The fingerprint of the rows this rank trained on since the last call (``reader.keys_digest``):
+        """The fingerprint of the rows this rank trained on since the last take (``reader.keys_digest``):
         summed over the ranks (mod 2**52), that of the global batches."""
-        digest, self._digest = self._digest, 0
-        return digest
+        return keys_digest(self.take_key_hashes())
 
     def close(self) -> None:
         """Stops the read-ahead threads (and the epochs they started); the stream ends here."""

@@ -47,6 +47,11 @@ class FlakyS3:
     def stop(self) -> None:
         self._link.cut()
 
+    @property
+    def rejected(self) -> int:
+        """S3 connections made while stopped, so far (each failed at once: the client saw the outage)."""
+        return self._link.rejected
+
     def upload(self, local: Path, key: str) -> str:
         fs = storage.s3_filesystem(self.storage)
         pafs.copy_files(str(local), f"{self.BUCKET}/{key}", destination_filesystem=fs)

@@ -2,7 +2,8 @@
 
 Stopping a server in-process is not an outage: an HTTP server's handler threads keep serving the
 keep-alive connections the client already holds, so pooled clients (the AWS SDK's) never notice. Cutting
-this link resets every open connection and refuses new ones until it is restored.
+this link resets every open connection, and every new one as soon as it is made, until it is restored;
+it counts those (``rejected``), the proof that a client tried to get through the outage.
 """
 
 from __future__ import annotations
@@ -37,47 +38,40 @@ class CuttableLink:
 
     def __init__(self, port: int, target_port: int):
         self.port, self.target_port = port, target_port
+        self.rejected = 0  # connections made while cut (each reset at once)
         self._lock = threading.Lock()
         self._sockets: set[socket.socket] = set()
-        self._listener: socket.socket | None = None
         self._open = threading.Event()
-        self._acceptor: threading.Thread | None = None
+        self._listener: socket.socket | None = None
 
     def restore(self) -> None:
-        listener = socket.socket()
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        listener.bind(("127.0.0.1", self.port))
-        listener.listen(64)
-        listener.settimeout(0.1)
-        self._listener = listener
+        """Forwards new connections again (the first call starts listening, for the link's lifetime)."""
+        if self._listener is None:
+            self._listener = socket.socket()
+            self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self._listener.bind(("127.0.0.1", self.port))
+            self._listener.listen(64)
+            threading.Thread(target=self._accept, args=(self._listener,), daemon=True).start()
         self._open.set()
-        self._acceptor = threading.Thread(target=self._accept, args=(listener,), daemon=True)
-        self._acceptor.start()
 
     def cut(self) -> None:
-        """Every connection reset, the port closed (connections refused) until ``restore``."""
-        self._open.clear()
-        if self._listener is not None:
-            # shutdown stops the listening at once; close alone waits for the accept thread's poll
-            with contextlib.suppress(OSError):
-                self._listener.shutdown(socket.SHUT_RDWR)
-            self._listener.close()
-            self._listener = None
-            self._acceptor.join(5)
+        """Every open connection reset, and every new one as soon as it is made, until ``restore``."""
         with self._lock:
+            self._open.clear()
             sockets, self._sockets = self._sockets, set()
         for sock in sockets:
             _reset(sock)
 
+    def _reject(self, client: socket.socket) -> None:
+        self.rejected += 1
+        _reset(client)
+
     def _accept(self, listener: socket.socket) -> None:
-        while self._open.is_set():
-            try:
-                client, _ = listener.accept()
-            except TimeoutError:
+        while True:
+            client, _ = listener.accept()
+            if not self._open.is_set():
+                self._reject(client)
                 continue
-            except OSError:  # closed by cut()
-                return
-            client.settimeout(None)
             try:
                 server = socket.create_connection(("127.0.0.1", self.target_port))
             except OSError:
@@ -85,9 +79,9 @@ class CuttableLink:
                 continue
             with self._lock:
                 if not self._open.is_set():
-                    _reset(client)
+                    self._reject(client)
                     _reset(server)
-                    return
+                    continue
                 self._sockets.update((client, server))
             done = threading.Barrier(2, action=lambda c=client, s=server: self._closed(c, s))
             for src, dst in ((client, server), (server, client)):

@@ -1,7 +1,7 @@
 """The mixed stream inside a real TorchTrainer of 2 workers (gloo, CPU) that only consumes batches: the same
-source (and so kind) and epoch on both ranks at every step, disjoint equal shares of every global batch,
-exact per-source counts, a restored state that continues the sequence; with one source per kind
-(``data.train``) and with named sources, several of a kind (``data.sources``)."""
+source (and so kind) and epoch on both ranks at every step, disjoint equal shares of every global batch
+and of every epoch, exact per-source counts, a restored state that continues the sequence; with one
+source per kind (``data.train``) and with named sources, several of a kind (``data.sources``)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,12 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import KINDS, StorageConfig, load_config
+from pipeline.data.reader import keys_digest
 from pipeline.data.synthetic import write_synthetic_dataset
 
 STEPS = 200
@@ -41,7 +43,7 @@ def consume(loop_config: dict) -> None:
 
     spec, steps = loop_config["spec"], loop_config["steps"]
     stream = MixedStream(spec)
-    sources, kinds, sizes, epochs_at, digests = [], [], [], [], []
+    sources, kinds, sizes, epochs_at, hashes = [], [], [], [], []
     state = None
     for step in range(steps):
         if step == steps // 2:
@@ -50,13 +52,13 @@ def consume(loop_config: dict) -> None:
         batch = to_torch(stream.next_of(sources[-1]))
         kinds.append(batch["kind"])
         sizes.append(len(batch["attention_mask" if batch["kind"] == "text" else "pixel_values"]))
-        digests.append(stream.take_keys_digest())
+        hashes.append(stream.take_key_hashes().tolist())
         epochs_at.append([stream.counters()[f"epoch/{k}"] for k in spec.sources] if step % 10 == 0 else None)
     stream.close()
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(
         gathered,
-        {"sources": sources, "kinds": kinds, "sizes": sizes, "epochs": epochs_at, "digests": digests},
+        {"sources": sources, "kinds": kinds, "sizes": sizes, "epochs": epochs_at, "hashes": hashes},
     )
     resumed = MixedStream(spec)  # a restarted worker: fresh stream, restored state, no batch drawn yet
     resumed.load_state_dict(state)
@@ -133,13 +135,40 @@ def test_two_ranks_draw_the_same_source_at_every_step(ray_cluster, train_root, t
     )  # restored sampler state continues the sequence
     # row by row: at every step each rank trained exactly its slice of its source's global batch
     expected = expected_shares(data.spec, rank0["sources"])
-    assert [rank0["digests"], rank1["digests"]] == expected
+    assert [[keys_digest(np.array(h)) for h in r["hashes"]] for r in (rank0, rank1)] == expected
+    for name, (_, rows, _) in sources.items():
+        check_epochs_split_evenly(
+            name, rows, [r["hashes"] for r in (rank0, rank1)], rank0["sources"], data.spec
+        )
+
+
+def check_epochs_split_evenly(name, rows, hashes_by_rank, drawn, spec) -> None:
+    """Independently of ``pipeline.data.order``: in every complete epoch of source ``name`` (``rows`` rows)
+    the two ranks train disjoint sets of rows of equal size, no row twice, and together every row of the
+    shards but a tail of less than one global batch (rows // 16 global batches of 2 x 8 rows per epoch, as
+    documented)."""
+    from pipeline.data.reader import key_hash
+
+    source = spec.layout.sources[name]
+    shards = [pq.read_table(f"{source.uri}/{f}", columns=["key"]) for f in source.files]
+    every_row = set(key_hash([k for shard in shards for k in shard.column("key").to_pylist()]))
+    assert len(every_row) == rows
+    per_epoch = rows // (2 * BATCH)
+    steps = [step for step, drawn_name in enumerate(drawn) if drawn_name == name]
+    epochs = [steps[e * per_epoch : (e + 1) * per_epoch] for e in range(len(steps) // per_epoch)]
+    assert len(epochs) >= 2, name
+    for epoch in epochs:
+        shares = [[h for step in epoch for h in ranks[step]] for ranks in hashes_by_rank]
+        assert len(shares[0]) == len(shares[1]) == per_epoch * BATCH, name
+        assert all(len(set(share)) == len(share) for share in shares), name  # no row twice in an epoch
+        assert not set(shares[0]) & set(shares[1]), name  # disjoint
+        assert set(shares[0]) | set(shares[1]) <= every_row, name
 
 
 def expected_shares(spec, drawn: list[str]) -> list[list[int]]:
     """Per rank of 2, per step: the fingerprint of the rows ``pipeline.data.order`` gives that rank, read
     from the shards here (not through the reader)."""
-    from pipeline.data.reader import SourceReader, key_hash, keys_digest
+    from pipeline.data.reader import SourceReader, key_hash
 
     keys = {
         name: [pq.read_table(f"{s.uri}/{f}", columns=["key"]).column("key").to_pylist() for f in s.files]

@@ -35,15 +35,25 @@ def assert_recovered(result: DrillResult, max_redone: int) -> None:
     assert result.steps_redone <= max_redone, result  # only the steps since the last checkpoint
 
 
+def assert_restarted(result: DrillResult, after_step: int) -> None:
+    """The fault hit: a second worker group started, resumed from a checkpoint taken before the fault,
+    and trained again the steps since (a run that never noticed the fault has one group, no resume)."""
+    assert result.details["worker_groups"] >= 2, result
+    assert any(step >= after_step for step in result.details["resumed_at"]), result
+    assert result.steps_redone >= 1, result
+
+
 def test_a_killed_worker_is_replaced_and_the_run_resumes_without_losing_samples(ws):
     result = process_faults.kill_worker(ws)
     assert_recovered(result, max_redone=4)  # checkpoint_every=4
+    assert_restarted(result, after_step=4)
     assert result.recover_s is not None
 
 
 def test_a_stuck_worker_becomes_an_error_and_a_restart_within_the_collective_timeout(ws):
     result = process_faults.stuck_worker(ws, timeout_s=10)
     assert_recovered(result, max_redone=4)
+    assert_restarted(result, after_step=4)
     assert 10 <= result.recover_s <= result.details["bound_s"], result
 
 
@@ -93,13 +103,18 @@ def test_a_truncated_shard_and_corrupt_images_are_skipped_and_counted(ws):
 def test_a_short_s3_outage_is_ridden_out_without_a_restart(ws, flaky_s3):
     result = storage_faults.s3_outage(ws, flaky_s3, outage_s=6)
     assert result.passed, result
+    assert result.details["s3_connections_failed"] > 0, result  # the outage hit the run's S3 calls
     assert result.steps_redone == 0 and result.samples_lost == 0, result
 
 
 def test_s3_that_stays_away_ends_the_run_with_a_clear_error_in_bounded_time(ws, flaky_s3):
+    """What the README promises: the failing call names the endpoint and the key (the message is what
+    ``jobs/pretrain.py`` prints after ``pretrain: training failed:``)."""
     result = storage_faults.s3_gone(ws, flaky_s3, attempts=4, bound_s=180)
     assert result.passed, result
-    assert "NETWORK_CONNECTION" in result.details["message"] or "S3" in result.details["message"]
+    message = result.details["message"]
+    assert "NETWORK_CONNECTION" in message or "S3" in message, result
+    assert f"127.0.0.1:{flaky_s3.port}" in message and f"{FlakyS3.BUCKET}/" in message, result
 
 
 def test_s3_data_that_stays_away_ends_the_run_with_an_error_naming_the_dataset(ws, flaky_s3):

@@ -36,17 +36,22 @@ def echo(sock: socket.socket, data: bytes) -> bytes:
     return sock.recv(1024)
 
 
-def test_a_cut_resets_open_connections_refuses_new_ones_and_restore_serves_again(link):
+def test_a_cut_resets_open_and_new_connections_counts_them_and_restore_serves_again(link):
     kept = socket.create_connection(("127.0.0.1", link.port), timeout=5)
     assert echo(kept, b"before") == b"before"
     link.cut()
     with contextlib.suppress(ConnectionError):  # the pooled connection does not survive the cut
         assert echo(kept, b"during") == b""
-    with pytest.raises(ConnectionRefusedError):
-        socket.create_connection(("127.0.0.1", link.port), timeout=5)
+    assert link.rejected == 0  # a reset open connection is not a new attempt
+    for attempt in (1, 2):
+        new = socket.create_connection(("127.0.0.1", link.port), timeout=5)
+        with new, contextlib.suppress(ConnectionError):
+            assert echo(new, b"during") == b""  # reset: nothing comes back
+        assert link.rejected == attempt
     link.restore()
     with socket.create_connection(("127.0.0.1", link.port), timeout=5) as fresh:
         assert echo(fresh, b"after") == b"after"
+    assert link.rejected == 2
 
 
 def test_a_reply_is_passed_on_whole_when_the_server_closes_after_it(link):

@@ -7,8 +7,8 @@ import json
 import pickle
 from collections import Counter
 
-import numpy as np
 import pytest
+from codebook_oracle import check_rows, random_init_codebook
 from raw_fixtures import (
     BAD_PAIRS,
     captioned_folder,
@@ -21,10 +21,11 @@ from raw_fixtures import (
 
 from pipeline.config import StorageConfig
 from pipeline.shards import format as fmt
-from pipeline.shards.codebook import ImageCodebook, decode_image
+from pipeline.shards.codebook import decode_image
 from pipeline.shards.prepare import (
     PrepareError,
     ShardTask,
+    assign_shards,
     execute,
     format_report,
     load_shard,
@@ -32,6 +33,7 @@ from pipeline.shards.prepare import (
     prepare,
     write_shard_task,
 )
+from pipeline.shards.sources import RawRef
 
 LOCAL = StorageConfig()
 
@@ -109,13 +111,10 @@ def test_every_bad_input_is_skipped_and_counted(prepared):
 
 @pytest.mark.parametrize("name", ["pairs", "images"])
 def test_codes_are_those_of_the_stored_image(prepared, name):
-    """Decoding the stored bytes and running the same codebook, one image at a time, gives the codes."""
-    _, rows = _rows(str(prepared["out"] / name))
-    codebook = ImageCodebook(prepared["prep"], LOCAL, device="cpu")
-    for row in rows:
-        codes, flipped = codebook.codes([row["image"]])
-        np.testing.assert_array_equal(codes[0], row["dvae_codes"])
-        np.testing.assert_array_equal(flipped[0], row["dvae_codes_flipped"])
+    """The independent oracle (``codebook_oracle``, no ``pipeline.shards.codebook``) recomputes every row's
+    codes from its stored image, one image at a time."""
+    manifest, rows = _rows(str(prepared["out"] / name))
+    check_rows(random_init_codebook(manifest.codebook), rows, manifest.codebook.input_size)
     # the codes of a flipped image are not the flipped grid of codes, hence the second column
     assert any(r["dvae_codes"] != r["dvae_codes_flipped"] for r in rows)
 
@@ -279,3 +278,49 @@ def test_random_init_codebook_warns_loudly_and_is_recorded(ray_cluster, tmp_path
     manifest = fmt.verify_dataset(str(tmp_path / "out"), LOCAL)
     assert manifest.codebook.identity == "random-init(7)"
     assert manifest.codebook.name == "flava-image-codebook(hidden_size=16)"
+
+
+def test_a_rerun_recomputes_exactly_the_shards_whose_inputs_settings_or_codebook_changed(
+    ray_cluster, tmp_path
+):
+    """20 pairs in 4 shards of 5. A shard is recomputed when one of its inputs changed (an image replaced,
+    a caption edited), every image shard when an image setting or the codebook changed, none otherwise.
+    Which shards were written is read from the files' modification times, not from the report alone."""
+    raw, out = tmp_path / "raw", tmp_path / "out"
+    captioned_folder(raw, 20)
+    prep = small_prep(source="captioned_folder", inputs=[str(raw)], output=str(out), shard_rows=5)
+
+    def run(prep) -> tuple[int, list[int]]:
+        before = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.parquet")}
+        report = prepare(prep, LOCAL)
+        after = {p.name: p.stat().st_mtime_ns for p in sorted(out.glob("shard-*.parquet"))}
+        assert len(after) == 4 and fmt.verify_dataset(str(out), LOCAL)
+        return report.rows_computed, [i for i, (n, t) in enumerate(after.items()) if before.get(n) != t]
+
+    assert run(prep) == (20, [0, 1, 2, 3])
+    assert run(prep) == (0, [])  # nothing changed
+    (raw / "img007.png").write_bytes(image_bytes(500, size=(56, 40)))  # shard 1: another picture
+    captions = raw / "captions.jsonl"
+    captions.write_text(captions.read_text().replace("picture number 13", "picture number XIII"))
+    assert run(prep) == (10, [1, 2])  # shard 2: an edited caption
+    assert run(dataclasses.replace(prep, jpeg_quality=80, image_format="jpeg")) == (20, [0, 1, 2, 3])
+    assert run(dataclasses.replace(prep, jpeg_quality=80, image_format="jpeg", codebook_seed=1)) == (
+        20,
+        [0, 1, 2, 3],
+    )
+
+
+def test_shard_bytes_cuts_before_the_record_that_would_pass_it():
+    """README: a new shard starts once the current one holds ``shard_rows`` records, or once the next
+    record would push its estimated size past ``shard_bytes`` (text: its raw length; image: its raw size,
+    at most the canonical pixels, plus two code grids)."""
+    texts = [RawRef(f"t{i}", f"t{i}", size_hint=n) for i, n in enumerate([40, 40, 30, 50, 10, 150, 5])]
+    prep = small_prep(shard_rows=3, shard_bytes=100)
+    cut = [[r.size_hint for r in shard] for shard in assign_shards(texts, prep, "text")]
+    # 40+40 (+30 > 100) | 30+50+10 (3 rows) | 150 alone (over the limit on its own) | 5
+    assert cut == [[40, 40], [30, 50, 10], [150], [5]]
+    # images of 32 px: at most 3 * 32 * 32 = 3072 bytes of pixels + 4 * 2 * 2 bytes of codes (patch 16)
+    images = [RawRef(f"i{i}", f"i{i}", size_hint=n) for i, n in enumerate([3000, 9000, 10, 10])]
+    prep = small_prep(shard_rows=10, shard_bytes=3000 + 16 + 3072 + 16)
+    cut = [[r.size_hint for r in shard] for shard in assign_shards(images, prep, "image")]
+    assert cut == [[3000, 9000], [10, 10]]  # 9000 counts as 3072 + 16: the pair fits exactly

@@ -1,9 +1,7 @@
 """prepare at the real geometry (224 px, patch 16): a 14 x 14 code grid, and codes checked by an oracle.
 
-The oracle recomputes the dVAE codes from the stored image bytes without any of
-``pipeline/shards/codebook.py``: PIL decode, Lanczos downsampling to image_size / 2 and FLAVA's
-logit-Laplace pixel mapping written out here, the random-init codebook rebuilt from what the manifest
-records, and the flip done with numpy (cross-checked against PIL's own mirror).
+The oracle (``codebook_oracle``) recomputes the dVAE codes from the stored image bytes without any of
+``pipeline/shards/codebook.py``, with the random-init codebook rebuilt from what the manifest records.
 """
 
 from __future__ import annotations
@@ -14,7 +12,7 @@ import re
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import torch
+from codebook_oracle import check_rows, oracle_codes, random_init_codebook, stored_rgb
 from PIL import Image
 from raw_fixtures import image_bytes, small_prep
 
@@ -26,7 +24,6 @@ LOCAL = StorageConfig()
 IMAGE_SIZE, PATCH, SEED, HIDDEN = 224, 16, 3, 16
 # non-square, all larger than 224 on both sides, one JPEG (decoded at reduced scale by draft())
 INPUTS = {"wide.png": (353, 241), "tall.png": (260, 417), "photo.jpg": (640, 480)}
-EPS = 0.1  # FLAVA's logit-Laplace epsilon (transformers: image_processing_flava.LOGIT_LAPLACE_EPS)
 
 
 @pytest.fixture(scope="module")
@@ -67,48 +64,15 @@ def test_grid_is_14_by_14_at_224(geometry):
         assert all(0 <= c < 8192 for c in row["dvae_codes"] + row["dvae_codes_flipped"])
 
 
-def _oracle_codebook(identity: fmt.CodebookIdentity, seed: int | None = None):
-    """The random-init FlavaImageCodebook the manifest describes (or one of another seed)."""
-    from transformers import FlavaImageCodebook, FlavaImageCodebookConfig
-
-    recorded_seed = int(re.fullmatch(r"random-init\((\d+)\)", identity.identity).group(1))
-    hidden = int(re.fullmatch(r"flava-image-codebook\(hidden_size=(\d+)\)", identity.name).group(1))
-    assert (recorded_seed, hidden) == (SEED, HIDDEN)
-    torch.manual_seed(recorded_seed if seed is None else seed)
-    return FlavaImageCodebook(FlavaImageCodebookConfig(hidden_size=hidden)).eval()
-
-
-def _oracle_pixels(rgb: np.ndarray, input_size: int) -> torch.Tensor:
-    """uint8 (H, W, 3) -> (1, 3, s, s) as FlavaImageProcessor prepares codebook pixels: Lanczos resize,
-    rescale to [0, 1], map x -> (1 - 2 eps) x + eps. float32 throughout, in that order."""
-    small = Image.fromarray(rgb).resize((input_size, input_size), resample=Image.Resampling.LANCZOS)
-    x = np.asarray(small, dtype=np.float32) / np.float32(255)
-    x = np.float32(1 - 2 * EPS) * x + np.float32(EPS)
-    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))[None]
-
-
-def _oracle_codes(codebook, rgb: np.ndarray, input_size: int) -> np.ndarray:
-    with torch.inference_mode():
-        return codebook.get_codebook_indices(_oracle_pixels(rgb, input_size))[0].numpy()
-
-
 def test_codes_match_an_independent_oracle(geometry):
     manifest, rows = geometry["manifest"], geometry["rows"]
     identity, grid = manifest.codebook, manifest.code_grid
-    codebook = _oracle_codebook(identity)
-    for row in rows:
-        with Image.open(io.BytesIO(row["image"])) as im:
-            rgb = np.asarray(im.convert("RGB"))
-            mirrored = np.asarray(im.convert("RGB").transpose(Image.Transpose.FLIP_LEFT_RIGHT))
-        flipped = np.fliplr(rgb)
-        np.testing.assert_array_equal(flipped, mirrored)  # numpy's flip is PIL's horizontal mirror
-        codes = _oracle_codes(codebook, rgb, identity.input_size)
-        codes_flipped = _oracle_codes(codebook, flipped, identity.input_size)
-        assert codes.shape == codes_flipped.shape == (grid, grid)
-        np.testing.assert_array_equal(codes.reshape(-1), row["dvae_codes"], err_msg=row["key"])
-        np.testing.assert_array_equal(
-            codes_flipped.reshape(-1), row["dvae_codes_flipped"], err_msg=row["key"]
-        )
+    assert re.fullmatch(rf"random-init\({SEED}\)", identity.identity)
+    assert identity.name == f"flava-image-codebook(hidden_size={HIDDEN})"
+    codebook = random_init_codebook(identity)
+    rgb, _ = stored_rgb(rows[0]["image"])
+    assert oracle_codes(codebook, rgb, identity.input_size).shape == (grid, grid)
+    check_rows(codebook, rows, identity.input_size)
     # the second column is not redundant: the codes of the mirrored image are not the mirrored grid
     assert any(
         not np.array_equal(
@@ -121,9 +85,8 @@ def test_codes_match_an_independent_oracle(geometry):
 def test_oracle_is_sensitive_to_the_seed(geometry):
     """A codebook of another seed disagrees: matching codes above are evidence, not a coincidence."""
     identity = geometry["manifest"].codebook
-    other = _oracle_codebook(identity, seed=SEED + 1)
+    other = random_init_codebook(identity, seed=SEED + 1)
     row = geometry["rows"][0]
-    with Image.open(io.BytesIO(row["image"])) as im:
-        rgb = np.asarray(im.convert("RGB"))
-    codes = _oracle_codes(other, rgb, identity.input_size).reshape(-1)
+    rgb, _ = stored_rgb(row["image"])
+    codes = oracle_codes(other, rgb, identity.input_size).reshape(-1)
     assert np.mean(codes == np.asarray(row["dvae_codes"])) < 0.5

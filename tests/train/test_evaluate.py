@@ -1,4 +1,4 @@
-"""Retrieval metrics against hand-computed cases, and the documented objective formula."""
+"""Retrieval metrics and `evaluate` against hand-computed cases, and the documented objective formula."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from pipeline.train.evaluate import objective, retrieval_metrics
+from model.flava import FlavaOutput
+from pipeline.train.evaluate import evaluate, objective, retrieval_metrics
 
 
 def test_perfect_and_reversed_retrieval():
@@ -63,3 +64,68 @@ def test_recall_differs_by_direction_and_r5_misses_a_caption_ranked_eighth():
     assert m["val/retrieval/i2t_r5"] == 7 / 8  # image 0's caption is 8th of 8
     assert m["val/retrieval/t2i_r1"] == 7 / 8  # text 3 finds image 2 first
     assert m["val/retrieval/t2i_r5"] == 1.0
+
+
+class ScriptedModel(torch.nn.Module):
+    """Losses and embeddings read straight off the batch, so every number ``evaluate`` reports can be
+    worked out by hand: the batch's ``loss_rows`` are per-row losses, ``pixel_values`` are the image
+    embeddings, and a text's embedding is the one-hot of its first token id."""
+
+    def forward(self, batch: dict) -> FlavaOutput:
+        rows = batch["loss_rows"]
+        losses = {name: rows.mean() * scale for name, scale in LOSS_SCALES[batch["kind"]].items()}
+        return FlavaOutput(loss=sum(losses.values()), losses=losses)
+
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return pixel_values
+
+    def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.one_hot(input_ids[:, 0], 4).float()
+
+
+LOSS_SCALES = {"text": {"mlm": 1.0}, "image_text": {"itm": 1.0, "global_contrastive": 2.0}}
+
+
+def test_evaluate_weights_losses_by_rows_and_drops_itm_negatives_from_retrieval():
+    """Batches of 3 rows and 1 row: a loss is the mean over the 4 rows, not the mean of the 2 batch
+    means. The 3-row pair batch holds an ITM negative (an image with another row's caption): retrieval
+    must rank only the 3 true pairs."""
+    e = torch.eye(4)
+    text = [
+        {"kind": "text", "loss_rows": torch.tensor([1.0, 1.0, 1.0])},
+        {"kind": "text", "loss_rows": torch.tensor([5.0])},
+    ]
+    pairs = [
+        {
+            "kind": "image_text",
+            "loss_rows": torch.tensor([2.0, 2.0, 2.0]),
+            "pixel_values": torch.stack([e[0], e[1], e[3]]),
+            "input_ids": torch.tensor([[0, 9], [1, 9], [0, 9]]),  # row 2: row 0's caption
+            "attention_mask": torch.ones(3, 2, dtype=torch.long),
+            "itm_labels": torch.tensor([1, 1, 0]),
+        },
+        {
+            "kind": "image_text",
+            "loss_rows": torch.tensor([6.0]),
+            # image 2 is closer to caption 1 (0.8) than to its own (0.6)
+            "pixel_values": (0.6 * e[2] + 0.8 * e[1])[None],
+            "input_ids": torch.tensor([[2, 9]]),
+            "attention_mask": torch.ones(1, 2, dtype=torch.long),
+            "itm_labels": torch.tensor([1]),
+        },
+    ]
+    model = ScriptedModel().train()
+    m = evaluate(model, {"text": text, "image_text": pairs}, text_vocab_size=100, mim_vocab_size=8192)
+    assert model.training  # restored
+    assert m["val/text/mlm"] == pytest.approx((3 * 1 + 5) / 4)  # 2.0; batch means averaged would be 3.0
+    assert m["val/text/total"] == pytest.approx(2.0)
+    assert m["val/image_text/itm"] == pytest.approx((3 * 2 + 6) / 4)  # 3.0, not 4.0
+    assert m["val/image_text/global_contrastive"] == pytest.approx(6.0)
+    assert m["val/image_text/total"] == pytest.approx(9.0)
+    # retrieval over the 3 true pairs: images e0, e1, 0.6 e2 + 0.8 e1; captions 0, 1, 2
+    assert m["val/retrieval/pool"] == 3.0
+    assert m["val/retrieval/chance_r1"] == pytest.approx(1 / 3)
+    assert m["val/retrieval/i2t_r1"] == pytest.approx(2 / 3)  # image 2 finds caption 1 first
+    assert m["val/retrieval/t2i_r1"] == 1.0  # caption 1 still finds image 1 first (1.0 > 0.8)
+    assert m["val/retrieval/i2t_r5"] == m["val/retrieval/t2i_r5"] == 1.0
+    assert m["val/objective"] == pytest.approx((2.0 / math.log(100) + 1 / 6) / 2)  # 1 - (2/3 + 1) / 2
