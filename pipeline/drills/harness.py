@@ -17,6 +17,7 @@ from pathlib import Path
 
 from pipeline import storage
 from pipeline.config import KINDS, Config, load_config
+from pipeline.drills.nodes import descendants
 from pipeline.shards import format as shard_format
 from pipeline.train.launch import run_pretraining
 
@@ -135,17 +136,20 @@ class Background:
 
 
 def kill_train_controllers() -> None:
-    """SIGKILL of every live Ray Train controller on this machine; their workers die with them."""
+    """SIGKILL of every live Ray Train controller of this process's clusters; their workers die with them."""
     for pid in ray_process_pids("TrainController"):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
 
 
 def ray_process_pids(name: str) -> list[int]:
-    """PIDs of the live Ray actor processes of class ``name`` on this machine (titled ``ray::<name>``)."""
+    """PIDs of the live Ray actor processes of class ``name`` (titled ``ray::<name>``) of the clusters this
+    process started (every node and head of the drills is a descendant of it): never those of another
+    cluster on a shared machine."""
+    ours = set(descendants(os.getpid()))
     pids = []
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
+        if not entry.name.isdigit() or int(entry.name) not in ours:
             continue
         try:
             cmdline = (entry / "cmdline").read_bytes()
@@ -158,7 +162,7 @@ def ray_process_pids(name: str) -> list[int]:
 
 
 def train_worker_pids() -> list[int]:
-    """PIDs of the live Ray Train workers on this machine."""
+    """PIDs of the live Ray Train workers of this process's clusters."""
     return ray_process_pids("RayTrainWorker")
 
 

@@ -9,6 +9,11 @@ Ray's GCS notices a node that stopped answering only through health checks; with
 every 3 s, 5 misses) that takes tens of seconds. ``HEALTH_CHECKS`` (a check every 1 s, 3 misses, 1 s
 timeout) makes a lost node dead to Ray within a few seconds: the node drills measure recovery, not Ray's
 patience. Real clusters keep the defaults, which avoid declaring a node dead during a long GC pause.
+
+Ray Train's elastic policy sizes a worker group from the reservations of Ray's AutoscalingCoordinator, whose
+view of the nodes is refreshed only every 20 s. A run started right after ``add_node`` could see one node of
+two and start smaller than the cluster is; so ``add_node`` and ``kill`` return only once the coordinator has
+recomputed its view (``refresh_autoscaling_view``), as a real cluster's nodes are long known to it.
 """
 
 from __future__ import annotations
@@ -51,7 +56,18 @@ class Node:
         return None
 
 
-def _descendants(pid: int) -> list[int]:
+def refresh_autoscaling_view() -> None:
+    """Makes Ray's AutoscalingCoordinator recompute its view of the nodes now (it ticks every 20 s)."""
+    import ray
+    from ray.data._internal.cluster_autoscaler.default_autoscaling_coordinator import (
+        get_or_create_autoscaling_coordinator,
+    )
+
+    coordinator = get_or_create_autoscaling_coordinator()
+    ray.get(coordinator.get_reserved_resources.remote("flava-drills-view", recompute=True), timeout=60)
+
+
+def descendants(pid: int) -> list[int]:
     """Every process below ``pid`` (children first found, then theirs), from /proc."""
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
@@ -142,6 +158,7 @@ class LocalCluster:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{name} did not join the cluster within {wait_s:.0f} s")
             time.sleep(0.5)
+        refresh_autoscaling_view()
         return node
 
     def kill(self, node: Node, wait_s: float = 60) -> float:
@@ -152,7 +169,7 @@ class LocalCluster:
 
         started = time.monotonic()
         node_id = node.node_id
-        for pid in [node.process.pid, *_descendants(node.process.pid)]:
+        for pid in [node.process.pid, *descendants(node.process.pid)]:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         node.process.wait()
@@ -161,7 +178,9 @@ class LocalCluster:
             if time.monotonic() - started > wait_s:
                 raise TimeoutError(f"Ray still counts {node.name} alive {wait_s:.0f} s after it was killed")
             time.sleep(0.2)
-        return time.monotonic() - started
+        dead_after_s = time.monotonic() - started
+        refresh_autoscaling_view()
+        return dead_after_s
 
     def __exit__(self, *exc) -> None:
         import ray

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -263,13 +264,33 @@ def build_trainer(
     )
 
 
+class StorageFailure(RuntimeError):
+    """An S3 call failed after its retries. Its message is the failing call's (the key, the bucket) plus
+    what the call itself leaves out: the endpoint it could not reach and the run's storage."""
+
+
+S3_FAILURE = re.compile(r"AWS Error|curlCode|\bS3\b|s3://|NoSuchBucket|EndpointConnectionError")
+
+
 def failure_summary(error: BaseException) -> str:
     """One readable line: the innermost cause's last message line (Ray wraps a worker's error in layers,
-    each repeating the traceback)."""
-    while error.__cause__ is not None:
+    each repeating the traceback); a ``StorageFailure`` is already that line."""
+    while error.__cause__ is not None and not isinstance(error, StorageFailure):
         error = error.__cause__
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return f"{type(error).__name__}: {lines[-1] if lines else ''}"
+
+
+def name_the_storage(error: BaseException, config: Config) -> BaseException:
+    """A failure of an S3 call, wherever it was raised (Ray Train's controller writing its own state says only
+    bucket and key), as a ``StorageFailure`` naming the endpoint; any other error as it is."""
+    summary = failure_summary(error)
+    if not S3_FAILURE.search(summary):
+        return error
+    endpoint = config.storage.s3_endpoint_url or f"AWS S3 ({config.storage.s3_region})"
+    where = run_dir(config)
+    on_s3 = f"; run storage {where}" if where.startswith("s3://") else ""
+    return StorageFailure(f"{summary} [S3 endpoint {endpoint}{on_s3}]")
 
 
 @dataclass
@@ -313,6 +334,12 @@ def run_pretraining(config: Config, callbacks: list | None = None) -> PretrainRe
     except (KeyboardInterrupt, SystemExit):  # Ctrl+C, or SIGTERM from ``ray job stop`` (jobs/pretrain.py)
         end("KILLED")
         raise
+    except Exception as e:
+        failure = name_the_storage(e, config)
+        end("FAILED", failure_summary(failure))
+        if failure is e:
+            raise
+        raise failure from e
     except BaseException as e:
         end("FAILED", failure_summary(e))
         raise
