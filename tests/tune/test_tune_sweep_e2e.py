@@ -16,11 +16,15 @@ import threading
 import time
 from pathlib import Path
 
+import pyarrow.fs as pafs
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
 from pipeline.config import load_config
+from pipeline.data.tokenizer import TOKENIZER_FILE
+from pipeline.drills.harness import train_worker_pids
+from pipeline.train import events
 from pipeline.tune.report import COMPLETED, STOPPED
 from pipeline.tune.sweep import ARTEFACTS, OBJECTIVE, TRIAL_ID_TAG, run_sweep
 
@@ -28,6 +32,7 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[2]
 GOOD_LR, TINY_LR = 0.01, 1e-9
+LOCAL = pafs.LocalFileSystem()
 STEPS = 4
 
 
@@ -166,3 +171,71 @@ def test_sweep_stops_bad_trials_tracks_children_resumes_and_yields_a_runnable_be
         ["--config", outcome.best_config_uri, "train.steps=2", f"train.storage_path={tmp_path / 'best'}"]
     )
     assert rc == 0
+
+
+def kill_the_worker_after_a_checkpoint(
+    trials_dir: Path, stop: threading.Event, killed: list
+) -> threading.Thread:
+    """SIGKILLs the Train worker of the first trial whose run has written a checkpoint, once."""
+
+    def watch():
+        while not stop.is_set():
+            for run in sorted(trials_dir.glob("trial-*")):
+                if any(e["event"] == "checkpoint" for e in events.read(LOCAL, str(run))):
+                    pids = train_worker_pids()
+                    if pids:
+                        os.kill(pids[-1], signal.SIGKILL)
+                        killed.append(run.name)
+                        return
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_failed_trial_is_retried_from_its_checkpoint_and_every_trial_shares_one_tokenizer(
+    demo_root, tmp_path
+):
+    steps = 8
+    config = load_config(
+        None,
+        [
+            *sweep_overrides(demo_root, tmp_path),
+            f"train.steps={steps}",
+            "train.max_failures=0",  # the trial's own Train run gives up at once: Tune must retry it
+            f"tune.lr_choices=[{GOOD_LR:.1e}]",
+            "tune.scheduler=none",
+            "tune.max_failures=1",
+            "tune.name=retry",
+            "mlflow.experiment=tune-retry",
+        ],
+    )
+    stop, killed = threading.Event(), []
+    watcher = kill_the_worker_after_a_checkpoint(tmp_path / "sweeps" / "retry" / "train", stop, killed)
+    try:
+        outcome = run_sweep(config)
+    finally:
+        stop.set()
+        watcher.join(timeout=5)
+    assert killed, "no trial's worker was killed"
+    rows = {f"trial-{r.trial_id}": r for r in outcome.rows}
+    assert len(rows) == 2 and all(r.status == COMPLETED and r.step == steps for r in rows.values()), rows
+
+    # the killed trial was run again by Tune, resumed its own checkpoint and continued its one MLflow run
+    trial_events = events.read(LOCAL, str(tmp_path / "sweeps/retry/train" / killed[0]))
+    starts = [e for e in trial_events if e["event"] == "train_start"]
+    assert [e["resumed_from"] is None for e in starts] == [True, False], starts
+    assert starts[1]["step"] >= 4, starts  # checkpoint_every=4: at most the steps since it were redone
+    client = MlflowClient(config.mlflow.tracking_uri)
+    run = client.get_run(rows[killed[0]].mlflow_run_id)
+    assert run.info.status == "FINISHED"
+    logged = {m.step for m in client.get_metric_history(run.info.run_id, "train/lr")}
+    assert logged == set(range(1, steps + 1))
+
+    # one vocabulary, trained once into the sweep's directory, for every trial and the winner
+    shared = str(tmp_path / "sweeps" / "retry" / "tokenizer")
+    assert (Path(shared) / TOKENIZER_FILE).is_file()
+    for row in rows.values():
+        assert client.get_run(row.mlflow_run_id).data.params["data.tokenizer"] == shared
+    assert yaml.safe_load(Path(outcome.best_config_uri).read_text())["data"]["tokenizer"] == shared
