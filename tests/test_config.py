@@ -135,6 +135,8 @@ def test_the_closed_sets_are_the_expected_ones():
         "data.on_changed_data",
         "data.mixing",
         "model.preset",
+        "model.phase",
+        "model.image_objective",
         "train.precision",
         "tune.search",
         "tune.scheduler",
@@ -149,8 +151,16 @@ def test_a_value_outside_a_closed_set_names_the_key_and_the_allowed_values(key, 
     message = str(error.value)
     assert message.startswith(key) and "nonsense" in message
     assert all(str(a) in message for a in allowed if a), message
-    for good in allowed:  # and every allowed value is accepted
-        load_config(None, [f"{key}={repr(good) if good == '' else good}"])
+    for good in allowed:  # and every allowed value is accepted (with the settings it needs)
+        load_config(None, [f"{key}={repr(good) if good == '' else good}", *NEEDS.get((key, good), ())])
+
+
+# values that are valid only together with other settings: a unimodal phase samples its kind only
+NEEDS = {
+    ("model.phase", "text"): ("data.ratios={text: 1}",),
+    ("model.phase", "image"): ("data.ratios={image: 1}",),
+    ("model.image_objective", "dino"): ("model.phase=image", "data.ratios={image: 1}"),
+}
 
 
 def test_presets_and_sources_agree_with_their_implementations():
