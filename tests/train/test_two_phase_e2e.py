@@ -15,9 +15,9 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 from mlflow.tracking import MlflowClient
+from test_pretrain_e2e import job_config
 
 from model import build_flava
-from pipeline.config import load_config
 from pipeline.train.init_encoders import load_encoder_
 from pipeline.train.launch import (
     InputError,
@@ -30,7 +30,6 @@ from pipeline.train.loop import model_kwargs
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[2]
 STEPS = 3
 DINO = [
     "model.dino.out_dim=64",
@@ -41,20 +40,18 @@ DINO = [
 
 
 def phase_config(demo: Path, work: Path, run_name: str, kinds: tuple[str, ...], *extra: str):
+    """The e2e job's config (tiny preset, 2 workers) on the datasets of ``kinds`` only."""
     splits = {s: {k: str(demo / k / s) for k in kinds} for s in ("train", "val")}
-    return load_config(
-        ROOT / "jobs/configs/tiny-test.yaml",
-        [
-            f"data.train={json.dumps(splits['train'])}",
-            f"data.val={json.dumps(splits['val'])}",
-            f"data.ratios={json.dumps(dict.fromkeys(kinds, 1.0))}",
-            f"train.storage_path={work / 'runs'}",
-            f"train.run_name={run_name}",
-            f"train.steps={STEPS}",
-            "train.val_every=3",
-            f"mlflow.tracking_uri=sqlite:///{work / 'mlflow.db'}",
-            *extra,
-        ],
+    return job_config(
+        demo,
+        work,
+        run_name,
+        f"data.train={json.dumps(splits['train'])}",
+        f"data.val={json.dumps(splits['val'])}",
+        f"data.ratios={json.dumps(dict.fromkeys(kinds, 1.0))}",
+        f"train.steps={STEPS}",
+        "train.val_every=3",
+        *extra,
     )
 
 
@@ -118,15 +115,10 @@ def test_the_joint_phase_starts_from_both_encoders_and_records_them(phases):
         ("text", text_ckpt, "text_encoder."),
         ("image", image_ckpt, "dino.teacher_encoder."),
     ):
-        stored = {k[len("model.") :]: None for k in model_keys(source) if k.startswith(f"model.{prefix}")}
-        tensors = {
-            k: torch.empty(getattr(model, f"{part}_encoder").state_dict()[k[len(prefix) :]].shape)
-            for k in stored
-        }
-        dcp.load({"model": tensors}, checkpoint_id=source, no_dist=True)
         mine = getattr(model, f"{part}_encoder").state_dict()
-        assert len(tensors) == len(mine)
-        for key, value in tensors.items():
+        stored = {f"{prefix}{k}": torch.empty_like(v) for k, v in mine.items()}
+        dcp.load({"model": stored}, checkpoint_id=source, no_dist=True)
+        for key, value in stored.items():
             assert torch.equal(mine[key[len(prefix) :]], value), key
 
 
