@@ -125,7 +125,7 @@ class DinoObjective(nn.Module):
         self.teacher_encoder = copy.deepcopy(student_encoder).requires_grad_(False)
         self.teacher_head = copy.deepcopy(self.head).requires_grad_(False)
         self.register_buffer("center", torch.zeros(1, spec.out_dim))
-        self.temperature = spec.teacher_temp
+        self.temperature, self.momentum = spec.teacher_temp, spec.teacher_momentum  # set_progress moves them
 
     @torch.no_grad()
     def copy_student_(self, student_encoder: nn.Module) -> None:

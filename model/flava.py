@@ -131,7 +131,8 @@ class FlavaForPretraining(nn.Module):
         return stacks + ([self.dino.teacher_encoder] if hasattr(self, "dino") else [])
 
     def transformer_layers(self) -> list[TransformerLayer]:
-        """The units to shard and checkpoint one at a time (image, text, then multimodal layers)."""
+        """The units to shard and checkpoint one at a time (image, text, multimodal, DINO teacher layers:
+        those the phase has), so that a teacher is sharded exactly like its student."""
         return [layer for enc in self.encoders() for layer in enc.encoder.layers]
 
     @torch.no_grad()
@@ -143,16 +144,14 @@ class FlavaForPretraining(nn.Module):
         """Where the run is (the step about to be taken): DINO's schedules follow it."""
         if hasattr(self, "dino"):
             self.dino.temperature = teacher_temperature(self.spec.dino, step)
-            self._momentum = teacher_momentum(self.spec.dino, step, total_steps)
+            self.dino.momentum = teacher_momentum(self.spec.dino, step, total_steps)
 
     @torch.no_grad()
     def after_optimizer_step_(self) -> None:
         """What follows every optimizer step: the logit scale clamped into range, the DINO teacher's EMA."""
         self.clamp_logit_scale_()
         if hasattr(self, "dino"):
-            self.dino.ema_update_(
-                self.image_encoder, getattr(self, "_momentum", self.spec.dino.teacher_momentum)
-            )
+            self.dino.ema_update_(self.image_encoder, self.dino.momentum)
 
     def export_state(self) -> dict[str, torch.Tensor]:
         """The weights an export carries, in FLAVA's names: the state dict, except that a DINO phase
