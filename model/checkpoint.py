@@ -21,6 +21,8 @@ from model.flava import FlavaForPretraining
 log = logging.getLogger(__name__)
 
 CODEBOOK_PREFIX = "image_codebook."
+POSITION_IDS = "flava.text_model.embeddings.position_ids"  # a buffer old exports persisted, not a weight
+PHASE_KEY = "flava_phase"  # config.json of our exports: joint, or the unimodal phase that wrote it
 # Scalars in transformers, shape (1,) here (FSDP2 shards no 0-dim parameter).
 SCALAR_KEYS = {"logit_scale": (1,)}
 HEADS = ("mim_head", "mlm_head", "mmm_image_head", "mmm_text_head")
@@ -82,7 +84,14 @@ def hf_names(key: str) -> list[str]:
 
 
 def spec_from_hf_config(config: dict) -> FlavaSpec:
-    """Our spec from a FlavaConfig dict; refuses configs our single-width model cannot represent."""
+    """Our spec from a FlavaConfig dict; refuses configs our single-width model cannot represent, and the
+    export of a unimodal phase (it holds one encoder: ``model.init_encoders`` takes it)."""
+    phase = config.get(PHASE_KEY, "joint")
+    if phase != "joint":
+        raise ValueError(
+            f"this is the export of a {phase}-phase run (only its {phase} encoder and head), not a whole "
+            f"FLAVA: initialise from it with model.init_encoders.{phase}"
+        )
     image, text, mm = (config.get(k) or {} for k in ("image_config", "text_config", "multimodal_config"))
 
     def get(sub: dict, name: str, default):
@@ -172,6 +181,7 @@ def hf_config_from_spec(spec: FlavaSpec) -> dict:
             "use_cls_token": True,
         },
         "init_codebook": False,
+        PHASE_KEY: spec.phase,
         "hidden_size": spec.hidden_size,
         "projection_dim": spec.projection_dim,
         "layer_norm_eps": spec.layer_norm_eps,
@@ -223,8 +233,7 @@ def load_hf_checkpoint(path: str | Path) -> FlavaForPretraining:
         used.update(names)
         tensor = torch.cat([weights[n] for n in names]) if len(names) > 1 else weights[names[0]]
         state[key] = tensor.reshape(SCALAR_KEYS.get(key, tensor.shape))
-    # Old exports persisted the text position_ids buffer; it is arange, not a weight.
-    unexpected = sorted(set(weights) - used - set(codebook) - {"flava.text_model.embeddings.position_ids"})
+    unexpected = sorted(set(weights) - used - set(codebook) - {POSITION_IDS})
     if missing or unexpected:
         raise ValueError(f"checkpoint {path} does not fit FLAVA: missing {missing}, unexpected {unexpected}")
     model.load_state_dict(state, strict=True)
@@ -254,6 +263,42 @@ def save_hf_checkpoint(model: FlavaForPretraining, path: str | Path) -> Path:
     """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    save_file(to_hf_state(model.state_dict()), path / "model.safetensors", metadata={"format": "pt"})
+    save_file(to_hf_state(model.export_state()), path / "model.safetensors", metadata={"format": "pt"})
     (path / "config.json").write_text(json.dumps(hf_config_from_spec(model.spec), indent=2) + "\n")
     return path
+
+
+def hf_encoder_state(path: str | Path, expected: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
+    """From an exported model directory (a whole FLAVA or a phase's export), exactly the tensors of one
+    encoder: ``expected`` maps our keys of it (all under one prefix, e.g. ``text_encoder.``) to their
+    shapes. Strict: a missing tensor, another tensor of that encoder, or a shape that differs is an error
+    naming them."""
+    path = Path(path)
+    weights = _read_weights(path)
+    prefix = next(iter(expected)).split(".", 1)[0]
+    hf_prefix = dict(ENCODERS)[prefix] + "."
+    state, missing, used = {}, [], set()
+    for key in expected:
+        names = hf_names(key)
+        missing += [name for name in names if name not in weights]
+        if all(name in weights for name in names):
+            used.update(names)
+            state[key] = torch.cat([weights[n] for n in names]) if len(names) > 1 else weights[names[0]]
+    unexpected = sorted(k for k in weights if k.startswith(hf_prefix) and k not in used | {POSITION_IDS})
+    if len(missing) == sum(len(hf_names(k)) for k in expected):
+        raise ValueError(f"{path} holds no {prefix} (no {hf_prefix}* tensors)")
+    if missing or unexpected:
+        raise ValueError(f"{path}: the {prefix} does not fit: missing {missing}, unexpected {unexpected}")
+    check_shapes(state, expected, str(path))
+    return state
+
+
+def check_shapes(state: dict[str, torch.Tensor], expected: dict[str, torch.Size], where: str) -> None:
+    """Every tensor of ``state`` has its ``expected`` shape, else an error naming each one that does not."""
+    wrong = [
+        f"{k}: {tuple(v.shape)} there, {tuple(expected[k])} here"
+        for k, v in state.items()
+        if tuple(v.shape) != tuple(expected[k])
+    ]
+    if wrong:
+        raise ValueError(f"{where}: shapes differ from this model's (other dimensions?): " + "; ".join(wrong))

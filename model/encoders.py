@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import nn
 
@@ -30,11 +31,17 @@ class ImageEncoder(nn.Module):
         self.pooler = CarriedPooler(spec.hidden_size)
 
     def forward(
-        self, pixel_values: torch.Tensor, bool_masked_pos: torch.Tensor | None = None
+        self,
+        pixel_values: torch.Tensor,
+        bool_masked_pos: torch.Tensor | None = None,
+        interpolate_pos: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (pre-norm, normed) hidden states (B, 1 + N, D); masked patches become the mask token."""
+        """Returns (pre-norm, normed) hidden states (B, 1 + N, D); masked patches become the mask token.
+        ``interpolate_pos``: square images of any multiple of the patch size (DINO's crops), the patch
+        position table resized bicubically to their grid."""
         h, w = pixel_values.shape[-2:]
-        if h != w or h // self.patch_size != self.grid or h % self.patch_size:
+        fits = h == w and not h % self.patch_size and (interpolate_pos or h // self.patch_size == self.grid)
+        if not fits:
             raise ValueError(
                 f"pixel_values are {h}x{w} px but the model was built for "
                 f"image_size={self.grid * self.patch_size}"
@@ -43,7 +50,15 @@ class ImageEncoder(nn.Module):
         if bool_masked_pos is not None:
             x = torch.where(rearrange(bool_masked_pos.bool(), "b n -> b n 1"), self.mask_token.to(x.dtype), x)
         x = torch.cat([repeat(self.cls_token, "1 1 d -> b 1 d", b=x.shape[0]).to(x.dtype), x], dim=1)
-        return self.encoder(self.drop(x + self.pos_embed))
+        return self.encoder(self.drop(x + self._positions(h // self.patch_size)))
+
+    def _positions(self, grid: int) -> torch.Tensor:
+        if grid == self.grid:
+            return self.pos_embed
+        cls, patches = self.pos_embed[:, :1], self.pos_embed[:, 1:]
+        square = rearrange(patches, "1 (gh gw) d -> 1 d gh gw", gh=self.grid)
+        resized = F.interpolate(square, size=(grid, grid), mode="bicubic", align_corners=False)
+        return torch.cat([cls, rearrange(resized, "1 d gh gw -> 1 (gh gw) d")], dim=1)
 
 
 class TextEncoder(nn.Module):

@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.config import LOGIT_SCALE_INIT, LOGIT_SCALE_MAX, FlavaSpec
+from model.config import LOGIT_SCALE_INIT, LOGIT_SCALE_MAX, PHASE_KINDS, FlavaSpec
+from model.dino import DinoObjective, teacher_momentum, teacher_temperature
 from model.encoders import ImageEncoder, MultimodalEncoder, TextEncoder
 from model.heads import (
     ITMHead,
@@ -52,6 +53,7 @@ KIND_KEYS = {
         "itm_labels",
     ),
 }
+DINO_KEYS = ("global_crops",)  # and optionally local_crops (pipeline.data.transforms.multi_crop)
 IGNORE_INDEX = -100
 
 
@@ -71,24 +73,34 @@ class FlavaForPretraining(nn.Module):
         super().__init__()
         self.spec = spec
         d = spec.hidden_size
-        self.image_encoder = ImageEncoder(spec)
-        self.text_encoder = TextEncoder(spec)
-        self.mm_encoder = MultimodalEncoder(spec)
-        self.image_projection = nn.Linear(d, spec.projection_dim)
-        self.text_projection = nn.Linear(d, spec.projection_dim)
-        # Shape (1,), not a scalar as in transformers: FSDP2 cannot shard 0-dim parameters.
-        self.logit_scale = nn.Parameter(torch.full((1,), LOGIT_SCALE_INIT))
-        self.mim_head = MaskedPredictionHead(d, spec.mim_vocab_size, spec.layer_norm_eps)
-        self.mlm_head = MaskedPredictionHead(d, spec.text_vocab_size, spec.layer_norm_eps)
-        self.mmm_image_head = MaskedPredictionHead(d, spec.mim_vocab_size, spec.layer_norm_eps)
-        self.mmm_text_head = MaskedPredictionHead(d, spec.text_vocab_size, spec.layer_norm_eps)
-        self.itm_head = ITMHead(d)
+        kinds = PHASE_KINDS[spec.phase]
+        if "image" in kinds:
+            self.image_encoder = ImageEncoder(spec)
+        if "text" in kinds:
+            self.text_encoder = TextEncoder(spec)
+        if "image_text" in kinds:
+            self.mm_encoder = MultimodalEncoder(spec)
+            self.image_projection = nn.Linear(d, spec.projection_dim)
+            self.text_projection = nn.Linear(d, spec.projection_dim)
+            # Shape (1,), not a scalar as in transformers: FSDP2 cannot shard 0-dim parameters.
+            self.logit_scale = nn.Parameter(torch.full((1,), LOGIT_SCALE_INIT))
+        if "image" in kinds and spec.image_objective == "mim":
+            self.mim_head = MaskedPredictionHead(d, spec.mim_vocab_size, spec.layer_norm_eps)
+        if "text" in kinds:
+            self.mlm_head = MaskedPredictionHead(d, spec.text_vocab_size, spec.layer_norm_eps)
+        if "image_text" in kinds:
+            self.mmm_image_head = MaskedPredictionHead(d, spec.mim_vocab_size, spec.layer_norm_eps)
+            self.mmm_text_head = MaskedPredictionHead(d, spec.text_vocab_size, spec.layer_norm_eps)
+            self.itm_head = ITMHead(d)
+        if spec.image_objective == "dino":
+            self.dino = DinoObjective(d, spec.dino, self.image_encoder)
         self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Truncated normal(0, std) at +-2 std for matrices and embeddings, zeros for biases, CLS, mask and
-        position tokens (transformers draws an untruncated normal; the truncation only trims outliers)."""
+        position tokens (transformers draws an untruncated normal; the truncation only trims outliers);
+        a DINO teacher starts as a copy of the student."""
         std = self.spec.init_std
         for module in self.modules():
             if isinstance(module, nn.Linear | nn.Conv2d | nn.Embedding | CarriedPooler):
@@ -97,27 +109,59 @@ class FlavaForPretraining(nn.Module):
                     module.bias.zero_()
             elif isinstance(module, nn.LayerNorm):
                 module.reset_parameters()
-        self.text_encoder.word_embed.weight[self.spec.pad_token_id].zero_()
-        for token in (
-            self.image_encoder.cls_token,
-            self.image_encoder.mask_token,
-            self.image_encoder.pos_embed,
-            self.mm_encoder.cls_token,
-        ):
-            token.zero_()
-        self.logit_scale.fill_(LOGIT_SCALE_INIT)
+        if hasattr(self, "text_encoder"):
+            self.text_encoder.word_embed.weight[self.spec.pad_token_id].zero_()
+        if hasattr(self, "image_encoder"):
+            for token in (
+                self.image_encoder.cls_token,
+                self.image_encoder.mask_token,
+                self.image_encoder.pos_embed,
+            ):
+                token.zero_()
+        if hasattr(self, "mm_encoder"):
+            self.mm_encoder.cls_token.zero_()
+            self.logit_scale.fill_(LOGIT_SCALE_INIT)
+        if hasattr(self, "dino"):
+            self.dino.copy_student_(self.image_encoder)
+
+    def encoders(self) -> list[nn.Module]:
+        """The transformer stacks this phase has: image, text, multimodal, a DINO teacher."""
+        names = ("image_encoder", "text_encoder", "mm_encoder")
+        stacks = [getattr(self, name) for name in names if hasattr(self, name)]
+        return stacks + ([self.dino.teacher_encoder] if hasattr(self, "dino") else [])
 
     def transformer_layers(self) -> list[TransformerLayer]:
-        """The units to shard and checkpoint one at a time (image, text, then multimodal layers)."""
-        return [
-            layer
-            for enc in (self.image_encoder, self.text_encoder, self.mm_encoder)
-            for layer in enc.encoder.layers
-        ]
+        """The units to shard and checkpoint one at a time (image, text, multimodal, DINO teacher layers:
+        those the phase has), so that a teacher is sharded exactly like its student."""
+        return [layer for enc in self.encoders() for layer in enc.encoder.layers]
 
     @torch.no_grad()
     def clamp_logit_scale_(self) -> None:
-        self.logit_scale.clamp_(0.0, LOGIT_SCALE_MAX)
+        if hasattr(self, "logit_scale"):
+            self.logit_scale.clamp_(0.0, LOGIT_SCALE_MAX)
+
+    def set_progress(self, step: int, total_steps: int) -> None:
+        """Where the run is (the step about to be taken): DINO's schedules follow it."""
+        if hasattr(self, "dino"):
+            self.dino.temperature = teacher_temperature(self.spec.dino, step)
+            self.dino.momentum = teacher_momentum(self.spec.dino, step, total_steps)
+
+    @torch.no_grad()
+    def after_optimizer_step_(self) -> None:
+        """What follows every optimizer step: the logit scale clamped into range, the DINO teacher's EMA."""
+        self.clamp_logit_scale_()
+        if hasattr(self, "dino"):
+            self.dino.ema_update_(self.image_encoder, self.dino.momentum)
+
+    def export_state(self) -> dict[str, torch.Tensor]:
+        """The weights an export carries, in FLAVA's names: the state dict, except that a DINO phase
+        exports its teacher as the image encoder (the better of the two, as in the reference) and no
+        DINO head (transformers' FLAVA has none)."""
+        state = {k: v for k, v in self.state_dict().items() if not k.startswith("dino.")}
+        if hasattr(self, "dino"):
+            teacher = self.dino.teacher_encoder.state_dict()
+            state.update({f"image_encoder.{k}": v for k, v in teacher.items()})
+        return state
 
     def _temperature_log(self) -> torch.Tensor:
         return self.logit_scale.clamp(0.0, LOGIT_SCALE_MAX)
@@ -137,12 +181,21 @@ class FlavaForPretraining(nn.Module):
         kind = batch.get("kind")
         if kind not in KIND_KEYS:
             raise ValueError(f'batch["kind"] must be one of {sorted(KIND_KEYS)}, got {kind!r}')
-        missing = [k for k in KIND_KEYS[kind] if k not in batch]
+        if kind not in PHASE_KINDS[self.spec.phase]:
+            raise ValueError(
+                f"a {self.spec.phase}-phase model trains on {PHASE_KINDS[self.spec.phase]}, not {kind!r}"
+            )
+        dino = kind == "image" and self.spec.image_objective == "dino"
+        missing = [k for k in (DINO_KEYS if dino else KIND_KEYS[kind]) if k not in batch]
         if missing:
             raise ValueError(f"batch of kind {kind!r} lacks {missing}")
         out = FlavaOutput(loss=torch.zeros(()), losses={})
         run = self.spec.losses_for(kind)
-        if kind == "image":
+        if kind == "image" and "dino" in run:
+            out.losses["dino"] = self.dino(
+                self.image_encoder, batch["global_crops"], batch.get("local_crops")
+            )
+        elif kind == "image":
             self._image_losses(batch, out, run)
         elif kind == "text":
             self._text_losses(batch, out, run)
@@ -150,7 +203,7 @@ class FlavaForPretraining(nn.Module):
             self._image_text_losses(batch, out, run)
         if out.losses:
             weights = self.spec.loss_weights
-            out.loss = sum(weights[name] * value for name, value in out.losses.items())
+            out.loss = sum(weights.get(name, 1.0) * value for name, value in out.losses.items())
         return out
 
     def _image_losses(self, batch: dict, out: FlavaOutput, run: frozenset[str]) -> None:

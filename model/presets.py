@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from model.config import FlavaSpec
+from model.dino import DinoSpec
 from model.flava import FlavaForPretraining
 
 
@@ -25,8 +26,13 @@ def flava_pretraining(
     layer_norm_eps: float = 1e-12,
     init_std: float = 0.02,
     loss_weights: dict[str, float] | None = None,
+    phase: str = "joint",
+    image_objective: str = "mim",
+    dino: DinoSpec | None = None,
 ) -> FlavaForPretraining:
-    """Any FLAVA; the defaults are the released facebook/flava-full (ViT-B/16 encoders, 6 x 768 fusion)."""
+    """Any FLAVA; the defaults are the released facebook/flava-full (ViT-B/16 encoders, 6 x 768 fusion).
+    ``phase`` text or image builds only that encoder and its head (MLM; MIM, or DINO's student, teacher
+    and heads with ``image_objective='dino'``)."""
     spec = FlavaSpec(
         image_size=image_size,
         patch_size=patch_size,
@@ -43,6 +49,9 @@ def flava_pretraining(
         layer_norm_eps=layer_norm_eps,
         init_std=init_std,
         loss_weights=dict(loss_weights or {}),
+        phase=phase,
+        image_objective=image_objective,
+        dino=dino,
     )
     return FlavaForPretraining(spec)
 

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import yaml
 
-from model.config import LOSS_NAMES
+from model.config import LOSS_NAMES, PHASE_KINDS
 
 KINDS = ("image_text", "image", "text")
 Kind = Literal["image_text", "image", "text"]
@@ -247,12 +247,58 @@ class DataConfig:
 
 
 @dataclass
+class DinoConfig:
+    """DINO for the image phase (model/dino.py: the reference's defaults, and where this differs)."""
+
+    out_dim: int = 65536  # prototypes; the reference's 65536 is too many for a tiny model (presets lower it)
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    student_temp: float = 0.1
+    teacher_temp: float = 0.07
+    warmup_teacher_temp: float = 0.04
+    warmup_teacher_temp_steps: int = 0  # linear warm-up of the teacher temperature (0: none)
+    center_momentum: float = 0.9
+    teacher_momentum: float = 0.996  # cosine to 1 over train.steps
+    global_crops: int = 2
+    local_crops: int = 8
+    global_crop_scale: list[float] = field(default_factory=lambda: [0.4, 1.0])
+    local_crop_scale: list[float] = field(default_factory=lambda: [0.05, 0.4])
+    # px; 0: 96/224 of the image size (the reference's ratio) rounded to whole patches, at least one
+    local_crop_size: int = 0
+
+    def check(self, c: _Checks) -> None:
+        c.at_least(1, "out_dim", "hidden_dim", "bottleneck_dim", "global_crops")
+        c.at_least(0, "local_crops", "warmup_teacher_temp_steps", "local_crop_size")
+        c.positive("student_temp", "teacher_temp", "warmup_teacher_temp")
+        c.fraction("center_momentum")
+        c.fraction("teacher_momentum", closed=True)
+        for name in ("global_crop_scale", "local_crop_scale"):
+            lo_hi = getattr(self, name)
+            if len(lo_hi) != 2 or not 0 < lo_hi[0] <= lo_hi[1] <= 1:
+                c.fail(name, "must be [low, high] with 0 < low <= high <= 1")
+        if self.global_crops < 2 and self.local_crops == 0:
+            c.fail("global_crops", "one global crop and no local crop leave no pair of views to match")
+
+
+ENCODER_PARTS = ("image", "text")  # what model.init_encoders may initialise
+
+
+@dataclass
 class ModelConfig:
     preset: Literal["tiny", "small", "base", "large"] = "small"
     overrides: dict[str, Any] = field(default_factory=dict)  # flat builder kwargs
     loss_weights: dict[str, float] = field(default_factory=dict)
     init_checkpoint: str = ""  # transformers FlavaForPreTraining dir (local or s3://)
     activation_checkpointing: bool = False
+    # the paper's recipe: unimodal phases (text: MLM on text sources; image: MIM or DINO on image sources)
+    # that build and checkpoint only their encoder and head, then a joint phase from both encoders
+    phase: Literal["joint", "text", "image"] = "joint"
+    image_objective: Literal["mim", "dino"] = "mim"
+    dino: DinoConfig = field(default_factory=DinoConfig)
+    # image/text -> where that encoder's weights come from: an exported model dir (<run>/hf_model), a
+    # checkpoint dir of a run, local or s3://, or run:NAME (the latest checkpoint of run NAME under
+    # train.storage_path). Only the encoder is copied; the multimodal encoder and heads start random
+    init_encoders: dict[str, str] = field(default_factory=dict)
 
     def check(self, c: _Checks) -> None:
         unknown = sorted(set(self.loss_weights) - set(LOSS_NAMES))
@@ -260,6 +306,23 @@ class ModelConfig:
             c.fail("loss_weights", f"unknown loss(es) {unknown}; losses are {list(LOSS_NAMES)}")
         if any(not (math.isfinite(w) and w >= 0) for w in self.loss_weights.values()):
             c.fail("loss_weights", "weights must be finite and non-negative")
+        if self.image_objective == "dino" and self.phase != "image":
+            c.fail(
+                "image_objective", f"dino trains the image phase only (model.phase=image), not {self.phase}"
+            )
+        unknown = sorted(set(self.init_encoders) - set(ENCODER_PARTS))
+        if unknown:
+            c.fail("init_encoders", f"unknown part(s) {unknown}; parts are {list(ENCODER_PARTS)}")
+        absent = sorted(p for p in self.init_encoders if self.phase not in ("joint", p))
+        if absent:
+            c.fail("init_encoders", f"a {self.phase}-phase model has no {'/'.join(absent)} encoder")
+        if self.init_encoders and self.init_checkpoint:
+            c.fail(
+                "init_encoders", "give model.init_checkpoint (a whole FLAVA) or model.init_encoders, not both"
+            )
+        empty = sorted(p for p, uri in self.init_encoders.items() if not uri)
+        if empty:
+            c.fail("init_encoders", f"no source given for {empty}")
 
 
 @dataclass
@@ -463,6 +526,7 @@ def validate(config: Config) -> Config:
         checks = _Checks(f.name, section)
         section.check(checks)
         problems += checks.problems
+    problems += _phase_problems(config)
     problems += [
         f"{key}: user:password@ in a URI would travel with the config (Ray keeps it in its experiment "
         "state on storage); pass credentials through the environment (MLFLOW_TRACKING_USERNAME/"
@@ -472,6 +536,28 @@ def validate(config: Config) -> Config:
     if problems:
         raise ConfigError("; ".join(problems))
     return config
+
+
+def _phase_problems(config: Config) -> list[str]:
+    """A unimodal phase has only its encoder: every source it samples or validates on must be its kind."""
+    phase = config.model.phase
+    allowed = PHASE_KINDS[phase]
+    sources = config.data.named_sources()
+    kind_of = {name: source.kind for name, source in sources.items()}
+    problems = []
+    sampled = sorted(n for n, w in config.data.ratios.items() if w > 0 and kind_of.get(n, n) not in allowed)
+    if sampled:
+        problems.append(
+            f"data.ratios: model.phase={phase} trains on {list(allowed)} data only, but {sampled} get "
+            "batches (give them ratio 0, or use model.phase=joint)"
+        )
+    held_out = sorted(n for n, s in sources.items() if s.val and s.kind not in allowed)
+    if held_out:
+        problems.append(
+            f"data.val: model.phase={phase} cannot validate on {held_out} (not {list(allowed)} data): "
+            "remove their held-out sets from this phase's config"
+        )
+    return problems
 
 
 def _keys_with_userinfo(tree: Any, key: str = "") -> list[str]:

@@ -24,6 +24,7 @@ TRAINING = (
     "data.tokenizer",
     "data.mixing_reference",
     "model.init_checkpoint",
+    "model.init_encoders",
     "train.storage_path",
     "mlflow.tracking_uri",
 )
@@ -32,6 +33,7 @@ PREPARE = ("prepare.inputs", "prepare.captions", "prepare.output", "prepare.code
 DEMO = ("demo.root", "prepare.codebook")
 
 _SQLITE = "sqlite:///"
+RUN_PREFIX = "run:"  # model.init_encoders: a run by name under train.storage_path, not a path
 
 
 def ray_package_dir(cwd: Path | None = None) -> Path | None:
@@ -45,7 +47,7 @@ def ray_package_dir(cwd: Path | None = None) -> Path | None:
 
 def is_local(uri: str) -> bool:
     """A local filesystem path (not s3://, not a server URI)."""
-    return bool(uri) and "://" not in uri
+    return bool(uri) and "://" not in uri and not uri.startswith(RUN_PREFIX)
 
 
 def default_tracking_uri(base: Path) -> str:

@@ -135,6 +135,8 @@ def test_the_closed_sets_are_the_expected_ones():
         "data.on_changed_data",
         "data.mixing",
         "model.preset",
+        "model.phase",
+        "model.image_objective",
         "train.precision",
         "tune.search",
         "tune.scheduler",
@@ -149,8 +151,16 @@ def test_a_value_outside_a_closed_set_names_the_key_and_the_allowed_values(key, 
     message = str(error.value)
     assert message.startswith(key) and "nonsense" in message
     assert all(str(a) in message for a in allowed if a), message
-    for good in allowed:  # and every allowed value is accepted
-        load_config(None, [f"{key}={repr(good) if good == '' else good}"])
+    for good in allowed:  # and every allowed value is accepted (with the settings it needs)
+        load_config(None, [f"{key}={repr(good) if good == '' else good}", *NEEDS.get((key, good), ())])
+
+
+# values that are valid only together with other settings: a unimodal phase samples its kind only
+NEEDS = {
+    ("model.phase", "text"): ("data.ratios={text: 1}",),
+    ("model.phase", "image"): ("data.ratios={image: 1}",),
+    ("model.image_objective", "dino"): ("model.phase=image", "data.ratios={image: 1}"),
+}
 
 
 def test_presets_and_sources_agree_with_their_implementations():
@@ -305,3 +315,29 @@ def test_every_yaml_the_code_writes_goes_through_dump_config():
     dump_config_line = inspect.getsourcelines(dump_config)[1]
     inside = [f"pipeline/config.py:{dump_config_line + i}" for i in range(5)]
     assert len(dumpers) == 1 and dumpers[0] in inside, f"YAML written outside dump_config: {dumpers}"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["model.phase=text"],
+            r"data.ratios: model.phase=text trains on \['text'\] data only, but \['image', 'image_text'\]",
+        ),
+        (
+            ["model.phase=image", "data.ratios={image: 1}", "data.val={text: v}"],
+            r"data.val: model.phase=image cannot validate on \['text'\]",
+        ),
+        (["model.image_objective=dino"], r"model.image_objective = 'dino': dino trains the image phase only"),
+        (
+            ["model.phase=text", "data.ratios={text: 1}", "model.init_encoders={image: x}"],
+            r"model.init_encoders = .*: a text-phase model has no image encoder",
+        ),
+        (["model.init_encoders={audio: x}"], r"unknown part\(s\) \['audio'\]"),
+        (["model.init_encoders={text: x}", "model.init_checkpoint=y"], r"not both"),
+    ],
+)
+def test_a_phase_takes_only_its_kind_of_data_and_encoders(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+    load_config(None, ["model.phase=text", "data.ratios={text: 1, image: 0}", "data.val={text: v}"])

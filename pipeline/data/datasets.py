@@ -33,7 +33,7 @@ from pipeline.data.mixing import (
 )
 from pipeline.data.order import DataOrder, SourceShards, partitions_for
 from pipeline.data.tokenizer import WordPieceTokenizer
-from pipeline.data.transforms import TransformParams
+from pipeline.data.transforms import PATCH_SIZE, MultiCrop, TransformParams
 from pipeline.shards import format as shard_format
 from pipeline.shards.format import Manifest, ShardEntry, ShardIntegrityError
 
@@ -142,6 +142,22 @@ def transform_params(config: Config, tokenizer: WordPieceTokenizer, image_size: 
         mask_token_id=tokenizer.mask_id,
         special_token_ids=tokenizer.special_ids,
         text_vocab_size=tokenizer.vocab_size,
+        multi_crop=multi_crop_of(config, image_size) if config.model.image_objective == "dino" else None,
+    )
+
+
+def multi_crop_of(config: Config, image_size: int) -> MultiCrop:
+    """DINO's views for ``model.dino``: global crops at the canonical size; local crops at
+    ``local_crop_size``, or by default the reference's 96/224 of it in whole patches (at least one)."""
+    dino, patch = config.model.dino, PATCH_SIZE
+    local = dino.local_crop_size or max(patch, round(image_size * 96 / 224 / patch) * patch)
+    return MultiCrop(
+        global_crops=dino.global_crops,
+        local_crops=dino.local_crops,
+        global_size=image_size,
+        local_size=local,
+        global_scale=tuple(dino.global_crop_scale),
+        local_scale=tuple(dino.local_crop_scale),
     )
 
 

@@ -6,7 +6,8 @@ Two stages, so that the expensive work parallelises in Ray Data and the random w
   tokenise captions, drop bad rows with a reason.
 - ``augment_batch`` (random, cheap; runs where the batch is consumed, with an explicit generator):
   horizontal flip (switching the MIM targets to the flipped codes), BEiT block masking, MLM masking,
-  ITM negatives. Seeding it per (kind, epoch, batch) makes the stream reproducible and checkpointable.
+  ITM negatives; for a DINO image phase, the multi-crop views instead (``multi_crop``). Seeding it per
+  (kind, epoch, batch) makes the stream reproducible and checkpointable.
 """
 
 from __future__ import annotations
@@ -47,6 +48,19 @@ class Tokenize(Protocol):
 
 
 @dataclass(frozen=True)
+class MultiCrop:
+    """DINO's views of an image (Caron et al. 2021): global crops at the canonical size and smaller local
+    ones, each a random resized crop of a ``scale`` share of the image's area, maybe mirrored."""
+
+    global_crops: int
+    local_crops: int
+    global_size: int
+    local_size: int
+    global_scale: tuple[float, float]
+    local_scale: tuple[float, float]
+
+
+@dataclass(frozen=True)
 class TransformParams:
     """Everything the transforms need, picklable so that it travels to Ray tasks and Train workers."""
 
@@ -60,6 +74,7 @@ class TransformParams:
     special_token_ids: tuple[int, ...]  # never masked, never drawn as random replacements
     text_vocab_size: int
     codebook_size: int = CODEBOOK_SIZE
+    multi_crop: MultiCrop | None = None  # image batches become DINO views (no MIM masks or codes)
 
     @property
     def code_grid(self) -> int:
@@ -115,6 +130,60 @@ def flip_images(
     for i, flip in enumerate(flipped):  # one copy pass, mirrored where flipped
         out[i] = pixel_values[i, ..., ::-1] if flip else pixel_values[i]
     return out, np.where(flipped[:, None], codes_flipped, codes), flipped
+
+
+def crop_box(
+    size: int, scale: tuple[float, float], rng, ratio: tuple[float, float] = (3 / 4, 4 / 3)
+) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop box (top, left, height, width) in a square image of ``size`` px:
+    an area share drawn from ``scale`` and a log-uniform aspect ratio, 10 tries, else the whole image."""
+    log_lo, log_hi = math.log(ratio[0]), math.log(ratio[1])
+    for _ in range(10):
+        area = size * size * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(log_lo, log_hi))
+        w, h = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
+        if 0 < w <= size and 0 < h <= size:
+            return int(rng.integers(0, size - h + 1)), int(rng.integers(0, size - w + 1)), h, w
+    return 0, 0, size, size
+
+
+def resize_crop(image: np.ndarray, box: tuple[int, int, int, int], size: int) -> np.ndarray:
+    """Bilinear resize (half-pixel centres, as torch's ``align_corners=False``) of a (C, H, W) crop to
+    (C, size, size). Every output value is a convex mix of input values: the range never grows."""
+    top, left, h, w = box
+
+    def axis(start: int, length: int, limit: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        pos = np.clip(start + (np.arange(size) + 0.5) * length / size - 0.5, 0, limit - 1)
+        lo = np.floor(pos).astype(np.int64)
+        return lo, np.minimum(lo + 1, limit - 1), (pos - lo).astype(np.float32)
+
+    y0, y1, wy = axis(top, h, image.shape[1])
+    x0, x1, wx = axis(left, w, image.shape[2])
+    rows = image[:, y0] * (1 - wy)[None, :, None] + image[:, y1] * wy[None, :, None]
+    return rows[:, :, x0] * (1 - wx) + rows[:, :, x1] * wx
+
+
+def multi_crop(
+    pixel_values: np.ndarray, spec: MultiCrop, flip_probability: float, rng
+) -> tuple[np.ndarray, np.ndarray]:
+    """(global crops (G, n, C, S, S), local crops (L, n, C, s, s)) of normalised images (n, C, H, W).
+
+    Random resized crops plus horizontal flips; the reference's colour jitter, grey scale, blur and
+    solarisation are left out (the demo corpus is synthetic colour fields, where colour is the content).
+    """
+    n, channels, size, _ = pixel_values.shape
+    views = []
+    for count, out_size, scale in (
+        (spec.global_crops, spec.global_size, spec.global_scale),
+        (spec.local_crops, spec.local_size, spec.local_scale),
+    ):
+        out = np.empty((count, n, channels, out_size, out_size), dtype=np.float32)
+        for v in range(count):
+            for i in range(n):
+                crop = resize_crop(pixel_values[i], crop_box(size, scale, rng), out_size)
+                out[v, i] = crop[..., ::-1] if rng.random() < flip_probability else crop
+        views.append(out)
+    return views[0], views[1]
 
 
 def min_block_patches(num_patches: int) -> int:
@@ -282,7 +351,11 @@ def augment_batch(kind: str, rows: dict[str, np.ndarray], params: TransformParam
     contrastive and MMM losses use the positive rows only.
     """
     batch: dict = {"kind": kind}
-    if kind in ("image", "image_text"):
+    if kind == "image" and params.multi_crop is not None:
+        batch["global_crops"], batch["local_crops"] = multi_crop(
+            rows["pixel_values"], params.multi_crop, params.flip_probability, rng
+        )
+    elif kind in ("image", "image_text"):
         pixels, codes, _ = flip_images(
             rows["pixel_values"], rows["dvae_codes"], rows["dvae_codes_flipped"], params.flip_probability, rng
         )

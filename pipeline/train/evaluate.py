@@ -5,6 +5,8 @@
   mlm term        val/text/mlm / ln(text vocab)     1.0 = a uniform guess over the vocabulary, 0 = perfect
   mim term        val/image/mim / ln(MIM vocab)     the same scale over the 8192 dVAE codes
   retrieval term  1 - mean(R@1 image->text, R@1 text->image) over the held-out pairs
+  dino term       val/image/dino / ln(DINO out_dim)  (a DINO image phase: its loss on held-out views;
+                  1.0 is the cross-entropy to a uniform teacher, where a collapsed teacher ends up)
 
 Dividing a cross-entropy by ln(vocab) puts both masked-modelling losses on the same 0..1 scale as the
 retrieval miss rate, so no kind dominates by the size of its vocabulary.
@@ -45,11 +47,14 @@ def retrieval_metrics(
     return metrics
 
 
-def chance_losses(text_vocab_size: int, mim_vocab_size: int, pairs: int) -> dict[str, float]:
+def chance_losses(
+    text_vocab_size: int, mim_vocab_size: int, pairs: int, dino_out_dim: int = 0
+) -> dict[str, float]:
     """Each loss at a uniform guess: the cross-entropy of a guess among its classes (``pairs``: the
-    candidates of the contrastive loss, the global batch of pairs)."""
+    candidates of the contrastive loss, the global batch of pairs; ``dino_out_dim``: DINO's prototypes)."""
     text, image = math.log(text_vocab_size), math.log(mim_vocab_size)
     return {
+        **({"dino": math.log(dino_out_dim)} if dino_out_dim > 1 else {}),
         "mlm": text,
         "mmm_text": text,
         "mim": image,
@@ -66,15 +71,28 @@ def normalized_loss(losses: dict[str, float], chance: dict[str, float]) -> float
     return sum(terms) / len(terms)
 
 
-def objective(metrics: dict[str, float], text_vocab_size: int, mim_vocab_size: int) -> float:
-    terms = []
+def objective_terms(
+    metrics: dict[str, float], text_vocab_size: int, mim_vocab_size: int, dino_out_dim: int = 0
+) -> dict[str, float]:
+    """The terms of ``val/objective`` whose held-out data exists, as ``val/term/<name>`` (logged too)."""
+    terms = {}
     if "val/text/mlm" in metrics:
-        terms.append(metrics["val/text/mlm"] / math.log(text_vocab_size))
+        terms["val/term/mlm"] = metrics["val/text/mlm"] / math.log(text_vocab_size)
     if "val/image/mim" in metrics:
-        terms.append(metrics["val/image/mim"] / math.log(mim_vocab_size))
+        terms["val/term/mim"] = metrics["val/image/mim"] / math.log(mim_vocab_size)
+    if "val/image/dino" in metrics:
+        terms["val/term/dino"] = metrics["val/image/dino"] / math.log(dino_out_dim)
     if "val/retrieval/i2t_r1" in metrics:
-        terms.append(1.0 - 0.5 * (metrics["val/retrieval/i2t_r1"] + metrics["val/retrieval/t2i_r1"]))
-    return sum(terms) / len(terms) if terms else float("nan")
+        r1 = 0.5 * (metrics["val/retrieval/i2t_r1"] + metrics["val/retrieval/t2i_r1"])
+        terms["val/term/retrieval"] = 1.0 - r1
+    return terms
+
+
+def objective(
+    metrics: dict[str, float], text_vocab_size: int, mim_vocab_size: int, dino_out_dim: int = 0
+) -> float:
+    terms = objective_terms(metrics, text_vocab_size, mim_vocab_size, dino_out_dim)
+    return sum(terms.values()) / len(terms) if terms else float("nan")
 
 
 @torch.no_grad()
@@ -83,6 +101,7 @@ def evaluate(
     val_batches: dict[str, Iterable[dict]],
     text_vocab_size: int,
     mim_vocab_size: int,
+    dino_out_dim: int = 0,
 ) -> dict[str, float]:
     """Mean held-out losses per kind, retrieval on the image-text pairs, and ``val/objective``.
 
@@ -121,6 +140,7 @@ def evaluate(
     }
     if images:
         metrics.update(retrieval_metrics(torch.cat(images), torch.cat(texts), torch.cat(ids)))
-    metrics["val/objective"] = objective(metrics, text_vocab_size, mim_vocab_size)
+    metrics.update(objective_terms(metrics, text_vocab_size, mim_vocab_size, dino_out_dim))
+    metrics["val/objective"] = objective(metrics, text_vocab_size, mim_vocab_size, dino_out_dim)
     model.train(was_training)
     return metrics

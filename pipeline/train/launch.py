@@ -6,6 +6,7 @@ Everything that can be wrong with the inputs is found here, before a worker star
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -21,8 +22,8 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from model import build_flava
 from model.checkpoint import spec_from_hf_config
 from pipeline import paths, storage
-from pipeline.config import Config, to_dict
-from pipeline.data.datasets import TrainData, check_shards, reference_losses
+from pipeline.config import ENCODER_PARTS, Config, to_dict
+from pipeline.data.datasets import TrainData, check_shards, multi_crop_of, reference_losses
 from pipeline.data.mixing import mixture
 from pipeline.data.order import partitions_for
 from pipeline.data.tokenizer import has_text_train_data, load_tokenizer
@@ -30,6 +31,7 @@ from pipeline.shards.format import Manifest, ShardIntegrityError, verify_dataset
 from pipeline.train import checkpoint as ckpt
 from pipeline.train import events, tracking
 from pipeline.train.data_setup import build_train_datasets, fix_tokenizer
+from pipeline.train.init_encoders import encoder_shapes, read_encoder, resolve_source
 from pipeline.train.loop import model_kwargs, train_loop_per_worker
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -106,6 +108,8 @@ def validate_inputs(config: Config) -> dict[str, Manifest]:
             f"model.init_checkpoint has a {spec.text_vocab_size}-token text vocabulary, data.tokenizer "
             f"{text_vocab_size} (use the checkpoint's tokenizer)"
         )
+    check_init_encoders(config, text_vocab_size)
+    check_multi_crop(config, spec)
     try:
         tracking.check_access(config.mlflow.tracking_uri, config.mlflow.experiment)
     except (PermissionError, ConnectionError) as e:
@@ -117,6 +121,43 @@ def validate_inputs(config: Config) -> dict[str, Manifest]:
         if source.val:
             manifests[f"val/{name}"] = _check_dataset("val", name, config, spec)
     return manifests
+
+
+def resolve_init_encoders(config: Config) -> Config:
+    """``model.init_encoders`` with every ``run:NAME`` fixed to that run's latest checkpoint directory, so
+    that all workers (and their restarts) load the same weights."""
+    try:
+        resolved = {part: resolve_source(src, config) for part, src in config.model.init_encoders.items()}
+    except (FileNotFoundError, OSError) as e:
+        raise InputError(f"model.init_encoders: {e}") from e
+    return dataclasses.replace(config, model=dataclasses.replace(config.model, init_encoders=resolved))
+
+
+def check_init_encoders(config: Config, text_vocab_size: int) -> None:
+    """Each ``model.init_encoders`` source exists and holds exactly the encoder this model has, of its
+    shapes (read here once, on the driver)."""
+    if not config.model.init_encoders:
+        return
+    with torch.device("meta"):
+        model = build_flava(config.model.preset, **model_kwargs(config, text_vocab_size))
+    for part, source in resolve_init_encoders(config).model.init_encoders.items():
+        where = f"model.init_encoders.{part} ({config.model.init_encoders[part]})"
+        try:
+            read_encoder(source, encoder_shapes(model, part), config)
+        except (FileNotFoundError, OSError, ValueError, RuntimeError) as e:
+            raise InputError(f"{where}: {e}{paths.inside_package_hint(source)}") from e
+
+
+def check_multi_crop(config: Config, spec) -> None:
+    """DINO's local crops must be whole patches (the encoder runs on any grid of them)."""
+    if config.model.image_objective != "dino":
+        return
+    local = multi_crop_of(config, spec.image_size).local_size
+    if local % spec.patch_size or local > spec.image_size:
+        raise InputError(
+            f"model.dino.local_crop_size: local crops of {local}px must be a multiple of the patch size "
+            f"{spec.patch_size} and at most the image size {spec.image_size}"
+        )
 
 
 def check_world_sizes(config: Config) -> None:
@@ -210,6 +251,10 @@ def start_tracking(config: Config, manifests: dict[str, Manifest], found: ckpt.F
     params = tracking.environment_params(ROOT)
     params.update({f"data.identity.{name}": m.identity() for name, m in manifests.items()})
     params.update({f"data.rows.{name}": str(m.rows) for name, m in manifests.items()})
+    # where each encoder came from (the resolved checkpoint of a run:NAME): random when not listed
+    params.update(
+        {f"init/{part}_encoder": config.model.init_encoders.get(part, "random") for part in ENCODER_PARTS}
+    )
     prior = found.extra.get("mlflow_run_id", "") if found else ""
     return tracking.start_run(config, run_dir(config), prior, params)
 
@@ -308,6 +353,7 @@ def run_pretraining(config: Config, callbacks: list | None = None) -> PretrainRe
     run's event log (``pipeline.train.events``)."""
     config = resolve_paths(config)
     manifests = validate_inputs(config)
+    config = resolve_init_encoders(config)
     check_cluster_cpus(config)
     check_storage_reachable(config, cluster_hosts())
     config, data = open_train_data(config)  # every train shard checked (checksums) before the run opens

@@ -27,6 +27,7 @@ import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from model import FlavaForPretraining, build_flava, load_hf_checkpoint, save_hf_checkpoint
+from model.dino import DinoSpec
 from model.sharding import parallelize
 from pipeline import storage
 from pipeline.config import KINDS, Config, dump_config, from_dict
@@ -43,6 +44,7 @@ from pipeline.train.collectives import (
 )
 from pipeline.train.data_setup import WorkerData
 from pipeline.train.evaluate import chance_losses, evaluate, normalized_loss
+from pipeline.train.init_encoders import load_encoder_
 from pipeline.train.optim import build_optimizer, build_scheduler
 from pipeline.train.tracking import Tracker
 
@@ -82,6 +84,12 @@ def model_kwargs(config: Config, text_vocab_size: int) -> dict:
     }
     if config.model.loss_weights:
         kwargs["loss_weights"] = dict(config.model.loss_weights)
+    model = config.model
+    kwargs.update(phase=model.phase, image_objective=model.image_objective)
+    if model.image_objective == "dino":
+        heads = ("out_dim", "hidden_dim", "bottleneck_dim", "student_temp", "teacher_temp")
+        schedule = ("warmup_teacher_temp", "warmup_teacher_temp_steps", "center_momentum", "teacher_momentum")
+        kwargs["dino"] = DinoSpec(**{name: getattr(model.dino, name) for name in heads + schedule})
     return kwargs
 
 
@@ -92,6 +100,8 @@ def build_sharded(config: Config, text_vocab_size: int, device: torch.device):
         model = load_hf_checkpoint(storage.localize_dir(config.model.init_checkpoint, config.storage))
     else:
         model = build_flava(config.model.preset, **model_kwargs(config, text_vocab_size))
+    for part, source in config.model.init_encoders.items():  # the driver resolved and checked them
+        load_encoder_(model, part, source, config)
     model = parallelize(
         model.to(device),
         precision=config.train.precision,
@@ -167,7 +177,7 @@ def optimizer_step(
     grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # DTensor
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    model.clamp_logit_scale_()
+    model.after_optimizer_step_()
     lr = scheduler.get_last_lr()[0]
     scheduler.step()
     return losses, float(grad_norm), lr, wait
@@ -187,7 +197,10 @@ class Trainer:
         # the same at every world size: fewer ranks take larger shares (MixedStream.batch_rows)
         self.global_batch = config.data.batch_size * self.train.grad_accum * self.train.num_workers
         pairs = config.data.batch_size * self.train.num_workers  # a micro-step's contrastive candidates
-        self.chance = chance_losses(self.spec.text_vocab_size, self.spec.mim_vocab_size, pairs)
+        self.dino_out_dim = self.spec.dino.out_dim if self.spec.dino else 0
+        self.chance = chance_losses(
+            self.spec.text_vocab_size, self.spec.mim_vocab_size, pairs, self.dino_out_dim
+        )
         self.run_fs, self.run_dir = storage.resolve(
             storage.join(self.train.storage_path, self.train.run_name), config.storage
         )
@@ -232,6 +245,7 @@ class Trainer:
         kind = self.data.spec.kind_of(source)
         accum = self.train.grad_accum
         batches = (self.data.next_batch(source) for _ in range(accum))
+        self.model.set_progress(self.progress.step, self.train.steps)
         losses, grad_norm, lr, wait = optimizer_step(
             self.model,
             self.optimizer,
@@ -294,7 +308,11 @@ class Trainer:
 
     def validate(self) -> dict[str, float]:
         metrics = evaluate(
-            self.model, self.data.val_batches(), self.spec.text_vocab_size, self.spec.mim_vocab_size
+            self.model,
+            self.data.val_batches(),
+            self.spec.text_vocab_size,
+            self.spec.mim_vocab_size,
+            self.dino_out_dim,
         )
         if self.tracker is not None:
             self.tracker.add(self.progress.step, metrics)

@@ -49,6 +49,14 @@ SECRETS = {
 }
 # set by the KubeRay operator from authOptions; a second source in the manifests could disagree with it
 OPERATOR_AUTH_ENV = {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_ENABLE_K8S_TOKEN_AUTH"}
+# RayJob name -> the job script it runs (the two-phase recipe's phases are pretraining runs)
+RAYJOBS = {
+    "flava-pretrain": "pretrain",
+    "flava-tune-mixing": "tune_mixing",
+    "flava-phase-text": "pretrain",
+    "flava-phase-image": "pretrain",
+    "flava-phase-joint": "pretrain",
+}
 CRD_FILES = {"RayJob": "ray.io_rayjobs.yaml", "RayCluster": "ray.io_rayclusters.yaml"}
 
 
@@ -105,7 +113,8 @@ def test_ray_resources_match_kuberay_crds(name, crd_validators):
     docs = render(name)
     ray_docs = [d for d in docs if d["kind"] in CRD_FILES]
     assert {d["kind"] for d in ray_docs} == set(CRD_FILES), f"{name} lacks a RayJob or RayCluster"
-    assert len(by_kind(docs, "RayJob")) == 2, "expected the pretrain and tune_mixing RayJobs"
+    names = {j["metadata"]["name"] for j in by_kind(docs, "RayJob")}
+    assert names == set(RAYJOBS), f"{name}: RayJobs {sorted(names)}, expected {sorted(RAYJOBS)}"
     for doc in ray_docs:
         assert doc["apiVersion"] == "ray.io/v1"
         errors = sorted(crd_validators[doc["kind"]].iter_errors(doc), key=lambda e: list(e.absolute_path))
@@ -246,7 +255,8 @@ def test_entrypoints_parse_and_fit_their_cluster(name, tmp_path, monkeypatch):
     configs = {}
     for job in by_kind(docs, "RayJob"):
         script, config = parse_entrypoint(docs, job)
-        configs[script] = (job, config)
+        assert script == RAYJOBS[job["metadata"]["name"]], f"{name}: {job['metadata']['name']} runs {script}"
+        configs[job["metadata"]["name"]] = (job, config)
         where = f"{name}: RayJob/{job['metadata']['name']}"
         train = config.train
         assert train.warmup_steps < train.steps, (
@@ -285,8 +295,25 @@ def test_entrypoints_parse_and_fit_their_cluster(name, tmp_path, monkeypatch):
             raise AssertionError(f"{where}: {e}") from e
         tracking = re.fullmatch(r"http://([a-z0-9-]+)(\.[a-z0-9.-]+)?:5000", config.mlflow.tracking_uri)
         assert tracking and tracking[1] in services, f"{where}: {config.mlflow.tracking_uri} is no Service"
-    assert set(configs) == {"pretrain", "tune_mixing"}
-    assert_sweep_is_short(name, *configs["tune_mixing"], configs["pretrain"][1])
+    assert set(configs) == set(RAYJOBS)
+    assert_sweep_is_short(name, *configs["flava-tune-mixing"], configs["flava-pretrain"][1])
+    assert_phases_chain(name, {job: config for job, (_, config) in configs.items()})
+
+
+def assert_phases_chain(name: str, configs: dict) -> None:
+    """The joint phase initialises its encoders from the two phases' runs, with the text phase's vocabulary,
+    on the storage they write to; every phase waits suspended for the previous one (infra/README.md)."""
+    text, image, joint = (configs[f"flava-phase-{p}"] for p in ("text", "image", "joint"))
+    assert (text.model.phase, image.model.phase, joint.model.phase) == ("text", "image", "joint"), name
+    assert joint.model.init_encoders == {
+        "text": f"run:{text.train.run_name}",
+        "image": f"run:{image.train.run_name}",
+    }, f"{name}: the joint phase does not start from the phases' runs"
+    assert text.train.storage_path == image.train.storage_path == joint.train.storage_path, name
+    tokenizer = text.data.tokenizer or f"{text.train.storage_path}/{text.train.run_name}/tokenizer"
+    assert image.data.tokenizer == joint.data.tokenizer == tokenizer, (
+        f"{name}: the phases' vocabularies differ"
+    )
 
 
 def assert_elastic_range(where: str, job: dict, config) -> None:
@@ -344,7 +371,9 @@ def test_entrypoint_check_catches_a_renamed_key():
 
 
 def _job(docs: tuple[dict, ...], script: str) -> dict:
-    (job,) = [j for j in by_kind(docs, "RayJob") if f"/jobs/{script}.py " in j["spec"]["entrypoint"]]
+    """The RayJob of ``pretrain`` (not a phase) or ``tune_mixing``."""
+    name = {"pretrain": "flava-pretrain", "tune_mixing": "flava-tune-mixing"}[script]
+    (job,) = [j for j in by_kind(docs, "RayJob") if j["metadata"]["name"] == name]
     return copy.deepcopy(job)
 
 
@@ -509,7 +538,7 @@ def auth_problems(doc: dict) -> list[str]:
 @pytest.mark.parametrize("name", KUSTOMIZATIONS)
 def test_ray_clusters_use_kuberay_token_auth(name):
     docs = [d for d in render(name) if cluster_spec(d) is not None]
-    assert len(docs) == 3, f"{name}: expected two RayJobs and the interactive RayCluster"
+    assert len(docs) == len(RAYJOBS) + 1, f"{name}: expected the RayJobs and the interactive RayCluster"
     problems = [p for doc in docs for p in auth_problems(doc)]
     assert not problems, f"{name}:\n  " + "\n  ".join(problems)
 
@@ -830,9 +859,11 @@ def _load(path: Path):
 
 
 @pytest.mark.parametrize("name", KUSTOMIZATIONS)
-def test_the_sweep_waits_for_pretraining(name):
-    (sweep,) = [j for j in by_kind(render(name), "RayJob") if j["metadata"]["name"] == "flava-tune-mixing"]
-    assert sweep["spec"].get("suspend") is True, f"{name}: the sweep starts beside pretraining"
+def test_the_sweep_and_the_phases_wait_for_pretraining(name):
+    waiting = [n for n in RAYJOBS if n != "flava-pretrain"]
+    for job in by_kind(render(name), "RayJob"):
+        if job["metadata"]["name"] in waiting:
+            assert job["spec"].get("suspend") is True, f"{name}: {job['metadata']['name']} starts at once"
 
 
 def test_ignore_files_keep_credentials_out_of_uploads_and_images():
@@ -858,7 +889,7 @@ def test_the_deletion_rules_component_deletes_workers_first(tmp_path, crd_valida
     )
     assert done.returncode == 0, done.stderr
     jobs = [d for d in yaml.safe_load_all(done.stdout) if d and d["kind"] == "RayJob"]
-    assert len(jobs) == 2
+    assert len(jobs) == len(RAYJOBS)
     for job in jobs:
         errors = list(crd_validators["RayJob"].iter_errors(job))
         assert not errors, [e.message[:200] for e in errors]
