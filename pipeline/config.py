@@ -253,6 +253,9 @@ class ModelConfig:
     loss_weights: dict[str, float] = field(default_factory=dict)
     init_checkpoint: str = ""  # transformers FlavaForPreTraining dir (local or s3://)
     activation_checkpointing: bool = False
+    # torch.compile each transformer layer (model.sharding.compile_layers), on CPU and GPU workers alike:
+    # the first steps pay the compilation (about a minute per distinct sequence length on 2 cores)
+    compile: bool = False
 
     def check(self, c: _Checks) -> None:
         unknown = sorted(set(self.loss_weights) - set(LOSS_NAMES))
