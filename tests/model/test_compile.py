@@ -5,6 +5,7 @@ call compiles with Triton on CUDA."""
 from __future__ import annotations
 
 import copy
+import os
 import socket
 from pathlib import Path
 
@@ -24,6 +25,7 @@ def free_port() -> int:
 
 
 def worker(rank: int, port: int, out: str) -> None:
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(out).parent / "inductor")  # no stale shared cache
     from torch._dynamo.utils import counters
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
