@@ -1,19 +1,24 @@
 """Forward+backward time, peak memory and FLOP/s of our FLAVA vs transformers' FlavaForPreTraining.
 
 Same synthetic image-text batch, same dimensions, random weights (the work does not depend on values).
-Time: both models live in one process and their steps alternate (the order swapping every round), so
-that both see the same machine load, which matters on a shared machine; the median step is reported.
-Peak memory: each implementation runs one step in its own fresh subprocess, and the kernel's
-``ru_maxrss`` at the end minus the resident set size once the model and inputs exist is what a training
-step adds on top of the weights (activations, gradients, temporaries, allocator slack), measured the
-same way for both. FLOPs of that step are counted with ``torch.utils.flop_counter`` (matmuls,
-convolutions, attention; forward and backward); achieved FLOP/s divides them by the median step time
-and is compared with a dense fp32 matmul measured in the same process.
+Time: all implementations live in one process and their steps alternate (the order rotating every
+round), so that they see the same machine load, which matters on a shared machine; each round also times
+a dense matmul of the same dtype on the same device, and the median step and median matmul are reported.
+Each step starts from ``zero_grad()`` (gradients set to None), as a training step does.
+Peak memory: each implementation runs one step in its own fresh subprocess (after a compiling step for
+a compiled row); on CPU the resident set's high-water mark over the step minus the resident set once the
+model and inputs exist is what the step adds on top of the weights (activations, gradients, temporaries,
+allocator slack), on CUDA the allocator's peak minus what was allocated before the step.
+FLOPs of that step are counted with ``torch.utils.flop_counter`` (matmuls, convolutions, attention;
+forward and backward) on the eager model (compiling does not change them); achieved FLOP/s divides them
+by the median step time. ``precision="bf16"`` runs both implementations under ``torch.autocast`` (bf16
+matmuls, fp32 weights), and the matmul reference is then bf16 too.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import resource
 import statistics
@@ -22,13 +27,17 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from model.presets import build_flava
+from model.sharding import compile_layers
 
-IMPLEMENTATIONS = ("ours", "transformers")
+COMPILED = "ours+compile"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+MATMUL_SIZE = {"cpu": 2048, "cuda": 8192}
 
 
 @dataclass(frozen=True)
@@ -39,10 +48,27 @@ class BenchConfig:
     steps: int = 2
     warmup: int = 1
     threads: int = 0  # 0: torch's default
+    device: str = "cpu"
+    precision: Literal["fp32", "bf16"] = "fp32"
+    compile: bool = False  # adds a row: ours with its transformer layers torch.compile'd
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.warmup < 0:
             raise ValueError(f"need steps >= 1 and warmup >= 0, got steps={self.steps}, warmup={self.warmup}")
+        if self.precision not in DTYPES:
+            raise ValueError(f"precision must be one of {sorted(DTYPES)}, got {self.precision!r}")
+        if torch.device(self.device).type not in MATMUL_SIZE:
+            raise ValueError(f"device must be cpu or cuda, got {self.device!r}")
+
+    @property
+    def implementations(self) -> tuple[str, ...]:
+        return ("ours", "transformers", *((COMPILED,) if self.compile else ()))
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued kernels, so that wall-clock time measures the work (no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def rss_mib() -> float:
@@ -50,18 +76,34 @@ def rss_mib() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
-def max_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def reset_peak_rss() -> bool:
+    """Restart the kernel's resident-set high-water mark (Linux ``clear_refs``); False where refused."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
-def matmul_flops(size: int = 2048, repeats: int = 10) -> float:
-    """Best-of dense fp32 matmul FLOP/s: the machine's practical peak for this workload."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def peak_rss_mib() -> float:
+    with open("/proc/self/status") as f:
+        hwm = next(line for line in f if line.startswith("VmHWM:"))
+    return int(hwm.split()[1]) / 1024
+
+
+def matmul_flops(device: torch.device, dtype: torch.dtype, repeats: int = 3) -> float:
+    """Best-of dense matmul FLOP/s (square, ``MATMUL_SIZE``): the practical peak for this workload."""
+    size = MATMUL_SIZE[device.type]
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
     a @ b
     best = float("inf")
     for _ in range(repeats):
+        synchronize(device)
         start = time.perf_counter()
         a @ b
+        synchronize(device)
         best = min(best, time.perf_counter() - start)
     return 2 * size**3 / best
 
@@ -92,25 +134,39 @@ def image_text_batch(spec, batch_size: int, text_length: int) -> dict:
 
 
 def _step_function(impl: str, cfg: BenchConfig):
-    """(step callable returning the loss, parameter count) for one implementation."""
+    """(step callable returning the loss, the model) for one implementation, on the configured device."""
+    device = torch.device(cfg.device)
     with torch.device("meta"):  # the dimensions only: no second model in this process's peak memory
         spec = build_flava(cfg.preset).spec
     batch = image_text_batch(spec, cfg.batch_size, cfg.text_length)
-    if impl == "ours":
-        model = build_flava(cfg.preset).train()
-        return (lambda: model(batch).loss), sum(p.numel() for p in model.parameters())
-    from transformers import FlavaConfig, FlavaForPreTraining
+    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    if impl == "transformers":
+        from transformers import FlavaConfig, FlavaForPreTraining
 
-    from model.checkpoint import hf_config_from_spec
+        from model.checkpoint import hf_config_from_spec
 
-    hf_config = {k: v for k, v in hf_config_from_spec(spec).items() if k != "architectures"}
-    model = FlavaForPreTraining(FlavaConfig(**hf_config)).train()
-    inputs = {k: v for k, v in batch.items() if k != "kind"}
+        hf_config = {k: v for k, v in hf_config_from_spec(spec).items() if k != "architectures"}
+        model = FlavaForPreTraining(FlavaConfig(**hf_config)).to(device).train()
+        inputs = {k: v for k, v in batch.items() if k != "kind"}
 
-    def step() -> torch.Tensor:  # a fresh mim_labels per step: the reference edits it in place
-        return model(**{**inputs, "mim_labels": inputs["mim_labels"].clone()}).loss
+        def forward() -> torch.Tensor:  # a fresh mim_labels per step: the reference edits it in place
+            return model(**{**inputs, "mim_labels": inputs["mim_labels"].clone()}).loss
+    else:
+        model = build_flava(cfg.preset).to(device).train()
+        if impl == COMPILED:
+            compile_layers(model)
 
-    return step, sum(p.numel() for p in model.parameters())
+        def forward() -> torch.Tensor:
+            return model(batch).loss
+
+    def step() -> torch.Tensor:
+        model.zero_grad()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+            loss = forward()
+        loss.backward()
+        return loss
+
+    return step, model
 
 
 def profile_one(impl: str, cfg: BenchConfig) -> dict:
@@ -118,45 +174,68 @@ def profile_one(impl: str, cfg: BenchConfig) -> dict:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(0)
-    step, params = _step_function(impl, cfg)
-    base_rss = rss_mib()
+    device = torch.device(cfg.device)
+    step, model = _step_function(impl, cfg)
+    params = sum(p.numel() for p in model.parameters())
+    if impl == COMPILED:
+        step()  # compiles; the FLOPs are those of the eager "ours" row
+        model.zero_grad()
+    synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device) / 2**20
+    else:
+        base = rss_mib()
+        if not reset_peak_rss() and impl == COMPILED:
+            raise RuntimeError("cannot reset the peak RSS after compiling (/proc/self/clear_refs refused)")
     counter = FlopCounterMode(display=False)
-    with counter:
-        step().backward()
+    with counter if impl != COMPILED else contextlib.nullcontext():
+        step()
+    synchronize(device)
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / 2**20 - base
+    else:
+        peak = peak_rss_mib() - base
     return {
         "impl": impl,
         "params": params,
-        "peak_mib": max_rss_mib() - base_rss,
-        "flops": counter.get_total_flops(),
+        "peak_mib": peak,
+        "flops": counter.get_total_flops() if impl != COMPILED else None,
     }
 
 
-def time_both(cfg: BenchConfig) -> dict[str, dict]:
-    """Median step time of each implementation, their steps interleaved under the same load."""
+def time_all(cfg: BenchConfig) -> tuple[dict[str, dict], float]:
+    """Median step time of each implementation, their steps interleaved under the same load, and the
+    median over rounds of the matmul FLOP/s measured between them."""
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(0)
-    steps = {impl: _step_function(impl, cfg)[0] for impl in IMPLEMENTATIONS}
-    times: dict[str, list[float]] = {impl: [] for impl in IMPLEMENTATIONS}
+    device, dtype = torch.device(cfg.device), DTYPES[cfg.precision]
+    impls = cfg.implementations
+    steps = {impl: _step_function(impl, cfg)[0] for impl in impls}
+    times: dict[str, list[float]] = {impl: [] for impl in impls}
     losses: dict[str, float] = {}
+    matmul: list[float] = []
     for round_ in range(cfg.warmup + cfg.steps):
-        for impl in IMPLEMENTATIONS[:: 1 if round_ % 2 == 0 else -1]:
+        shift = round_ % len(impls)
+        for impl in impls[shift:] + impls[:shift]:
+            synchronize(device)
             start = time.perf_counter()
             loss = steps[impl]()
-            loss.backward()
-            losses[impl] = loss.item()
+            synchronize(device)
             if round_ >= cfg.warmup:
                 times[impl].append(time.perf_counter() - start)
-    return {
-        impl: {"step_s": statistics.median(times[impl]), "loss": losses[impl]} for impl in IMPLEMENTATIONS
-    }
+            losses[impl] = loss.item()
+        if round_ >= cfg.warmup:
+            matmul.append(matmul_flops(device, dtype))
+    timing = {impl: {"step_s": statistics.median(times[impl]), "loss": losses[impl]} for impl in impls}
+    return timing, statistics.median(matmul)
 
 
 def run(cfg: BenchConfig, timeout_s: float = 1800) -> tuple[list[dict], float]:
-    """Memory and FLOPs in one subprocess per implementation, then the interleaved timing here, then the
-    machine's matmul FLOP/s with the same thread count."""
+    """Memory and FLOPs in one subprocess per implementation, then the interleaved timing here."""
     results = []
-    for impl in IMPLEMENTATIONS:
+    for impl in cfg.implementations:
         print(f"profiling {impl} (memory, FLOPs) ...", file=sys.stderr, flush=True)
         args = [
             sys.executable,
@@ -178,37 +257,51 @@ def run(cfg: BenchConfig, timeout_s: float = 1800) -> tuple[list[dict], float]:
         if done.returncode:
             raise RuntimeError(f"benchmark of {impl} failed:\n{done.stderr[-4000:]}")
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
-    print("timing both, interleaved ...", file=sys.stderr, flush=True)
-    timing = time_both(cfg)
+    print("timing all, interleaved ...", file=sys.stderr, flush=True)
+    timing, peak_flops = time_all(cfg)
+    return combine(results, timing), peak_flops
+
+
+def combine(results: list[dict], timing: dict[str, dict]) -> list[dict]:
+    """Profiles plus timing; a compiled row counts the FLOPs of the eager model."""
+    flops = {r["impl"]: r["flops"] for r in results}
     for result in results:
         result.update(timing[result["impl"]], threads=torch.get_num_threads())
+        if result["flops"] is None:
+            result["flops"] = flops["ours"]
         result["achieved_flops"] = result["flops"] / result["step_s"]
-    return results, matmul_flops()
+    return results
 
 
 def format_table(cfg: BenchConfig, results: list[dict], peak_flops: float) -> str:
-    ours, ref = results
+    by_impl = {r["impl"]: r for r in results}
+    ref = by_impl["transformers"]
+    where = "CPU, {} threads".format(results[0]["threads"]) if cfg.device == "cpu" else cfg.device
+    precision = "fp32" if cfg.precision == "fp32" else "bf16 autocast"
+    size = MATMUL_SIZE[torch.device(cfg.device).type]
     lines = [
         f"FLAVA {cfg.preset}, image-text batch {cfg.batch_size} (text length {cfg.text_length}), "
-        f"forward+backward, fp32 CPU, {ours['threads']} threads, median of {cfg.steps} interleaved steps "
+        f"forward+backward, {precision}, {where}, median of {cfg.steps} interleaved steps "
         f"after {cfg.warmup} warm-up",
-        f"machine: dense fp32 matmul (2048^3) {peak_flops / 1e9:.1f} GFLOP/s",
+        f"machine: dense {cfg.precision} matmul ({size}^3) {peak_flops / 1e9:.1f} GFLOP/s, median over the "
+        "rounds (measured between the steps)",
         f"{'':14}{'params':>10}{'step s':>10}{'peak MiB':>10}{'GFLOP':>10}{'GFLOP/s':>10}{'of matmul':>11}"
-        f"{'loss':>9}",
+        f"{'loss':>9}{'ref/this':>10}",
     ]
     for r in results:
         lines.append(
-            f"{r['impl']:14}{r['params'] / 1e6:>9.1f}M{r['step_s']:>10.2f}{r['peak_mib']:>10.0f}"
-            f"{r['flops'] / 1e9:>10.0f}{r['achieved_flops'] / 1e9:>10.1f}"
-            f"{r['achieved_flops'] / peak_flops:>11.0%}{r['loss']:>9.3f}"
+            f"{r['impl']:14}{r['params'] / 1e6:>9.1f}M{r['step_s']:>10.3f}{r['peak_mib']:>10.0f}"
+            f"{r['flops'] / 1e9:>10.1f}{r['achieved_flops'] / 1e9:>10.1f}"
+            f"{r['achieved_flops'] / peak_flops:>11.0%}{r['loss']:>9.3f}{ref['step_s'] / r['step_s']:>9.2f}x"
         )
+    ours = by_impl["ours"]
     lines.append(
         f"ratio transformers/ours: time {ref['step_s'] / ours['step_s']:.2f}x, "
         f"peak memory {ref['peak_mib'] / ours['peak_mib']:.2f}x (> 1: ours is faster / smaller)"
     )
     lines.append(
-        "peak MiB = max RSS of a fresh process running one step minus its RSS once model and inputs "
-        "exist (activations, gradients, temporaries)"
+        "ref/this = transformers' step time / this row's; peak MiB = what one step adds on top of the model "
+        "and inputs (CPU: resident-set high-water mark; CUDA: allocator peak)"
     )
     return "\n".join(lines)
 
@@ -221,6 +314,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=defaults.steps)
     parser.add_argument("--warmup", type=int, default=defaults.warmup)
     parser.add_argument("--threads", type=int, default=defaults.threads, help="0: torch default")
+    parser.add_argument("--device", default=defaults.device, help="cpu or cuda[:N]")
+    parser.add_argument("--precision", choices=sorted(DTYPES), default=defaults.precision)
+    parser.add_argument("--compile", action="store_true", help="add a row: ours, layers torch.compile'd")
 
 
 def config_from_args(args: argparse.Namespace) -> BenchConfig:
@@ -231,12 +327,15 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
         steps=args.steps,
         warmup=args.warmup,
         threads=args.threads,
+        device=args.device,
+        precision=args.precision,
+        compile=args.compile,
     )
 
 
 if __name__ == "__main__":  # the per-implementation subprocess
     worker = argparse.ArgumentParser()
-    worker.add_argument("--worker", choices=IMPLEMENTATIONS, required=True)
+    worker.add_argument("--worker", required=True)
     worker.add_argument("--config", required=True)
     parsed = worker.parse_args()
     print(json.dumps(profile_one(parsed.worker, BenchConfig(**json.loads(parsed.config)))))

@@ -1,8 +1,9 @@
 """FSDP2 for FLAVA, applied from outside the model: one communication group per transformer layer + root.
 
-``parallelize`` is the one place where precision, activation checkpointing and sharding are decided, and
-it decides them the same way at every world size, 1 included (one rank is a mesh of one): a run's numerics
-do not depend on how many ranks it has, and a checkpoint has the same layout whatever the world size.
+``parallelize`` is the one place where precision, activation checkpointing, compilation and sharding are
+decided, and it decides them the same way at every world size, 1 included (one rank is a mesh of one): a
+run's numerics do not depend on how many ranks it has, and a checkpoint has the same layout whatever the
+world size.
 
 Precision (``precision``): ``fp32`` keeps parameters and compute in their own dtype; ``bf16`` is FSDP2's
 mixed precision, bf16 parameters in forward/backward (all-gathered in bf16) with gradients reduced and
@@ -43,6 +44,16 @@ def precision_policy(precision: Precision) -> MixedPrecisionPolicy:
     return MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
 
 
+def compile_layers(model: nn.Module) -> nn.Module:
+    """``torch.compile`` each of ``model.transformer_layers()`` in place (``nn.Module.compile``): parameter
+    names, and so checkpoints, stay as they are, and FSDP2's hooks on the layer still run (outside the
+    compiled graph). Equal-shaped layers share one compiled graph; each new sequence length compiles once
+    more. CPU (inductor's C++ backend) and CUDA (Triton) alike."""
+    for layer in model.transformer_layers():
+        layer.compile()
+    return model
+
+
 def parallelize(
     model: nn.Module,
     *,
@@ -50,10 +61,12 @@ def parallelize(
     activation_checkpointing: bool = False,
     mesh: DeviceMesh | None = None,
     reshard_after_forward: bool = True,
+    compile: bool = False,
 ) -> nn.Module:
     """Shards ``model`` in place over the process group (it must expose ``transformer_layers()``) and
-    returns it: activation checkpointing per layer, then ``fully_shard`` per layer and root with the
-    precision's policy, then the extra forward methods registered so that they unshard the root too."""
+    returns it: activation checkpointing per layer, ``compile_layers`` if asked, then ``fully_shard`` per
+    layer and root with the precision's policy, then the extra forward methods registered so that they
+    unshard the root too."""
     if not dist.is_initialized():
         raise RuntimeError(
             "parallelize needs an initialised torch.distributed process group (world 1 is fine)"
@@ -66,6 +79,9 @@ def parallelize(
     for layer in layers:
         if activation_checkpointing:
             checkpoint(layer)
+    if compile:
+        compile_layers(model)
+    for layer in layers:
         fully_shard(layer, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     for method in FORWARD_METHODS:

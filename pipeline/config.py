@@ -299,6 +299,9 @@ class ModelConfig:
     # checkpoint dir of a run, local or s3://, or run:NAME (the latest checkpoint of run NAME under
     # train.storage_path). Only the encoder is copied; the multimodal encoder and heads start random
     init_encoders: dict[str, str] = field(default_factory=dict)
+    # torch.compile each transformer layer (model.sharding.compile_layers), on CPU and GPU workers alike:
+    # the first steps pay the compilation (about a minute per distinct sequence length on 2 cores)
+    compile: bool = False
 
     def check(self, c: _Checks) -> None:
         unknown = sorted(set(self.loss_weights) - set(LOSS_NAMES))

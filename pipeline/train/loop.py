@@ -106,6 +106,7 @@ def build_sharded(config: Config, text_vocab_size: int, device: torch.device):
         model.to(device),
         precision=config.train.precision,
         activation_checkpointing=config.model.activation_checkpointing,
+        compile=config.model.compile,
     )
     optimizer = build_optimizer(model, config.train)
     return model, optimizer, build_scheduler(optimizer, config.train)

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import torch
-from transformers import FlavaConfig
+from transformers import FlavaConfig, FlavaForPreTraining
 
 from model.config import FlavaSpec
+from model.flava import KIND_KEYS
 
 
 def make_batch(
@@ -62,3 +63,20 @@ def small_hf_config(**top) -> FlavaConfig:
         multimodal_config=dict(stack, num_hidden_layers=1),
         **{"hidden_size": 32, "projection_dim": 24, "init_codebook": False, **top},
     )
+
+
+def perturbed_reference() -> FlavaForPreTraining:
+    """The reference with deliberately non-trivial weights (transformers zero-inits tokens and LNs)."""
+    torch.manual_seed(0)
+    hf = FlavaForPreTraining(small_hf_config()).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * (0.05 if p.ndim > 1 else 0.1))
+        hf.flava.logit_scale.fill_(2.0)
+    return hf
+
+
+def reference_call(hf: FlavaForPreTraining, batch: dict):
+    """transformers decides its losses from which inputs are present: pass exactly those of the kind."""
+    keys = KIND_KEYS[batch["kind"]]
+    return hf(**{k: batch[k].clone() for k in keys}, return_dict=True)  # the reference edits labels in place

@@ -1,22 +1,37 @@
-"""The benchmark's measuring code runs for both implementations (numbers are printed, never asserted)."""
+"""The benchmark's measuring code runs for every row (numbers are printed, never asserted).
+
+At tiny size on CPU, in fp32 with the torch.compile'd row, and under bf16 autocast (the GPU check's
+precision, here on CPU): the code paths of ``jobs/benchmark_model.py`` and ``scripts/gpu-check``'s
+benchmark, short of the CUDA synchronisation and allocator statistics.
+"""
 
 from __future__ import annotations
 
 import math
 
-from model.benchmark import BenchConfig, format_table, profile_one, time_both
+import pytest
+
+from model.benchmark import COMPILED, BenchConfig, combine, format_table, profile_one, time_all
 
 
-def test_benchmark_measures_both_implementations_in_process():
-    cfg = BenchConfig(preset="tiny", batch_size=2, text_length=8, steps=1, warmup=1)
-    timing = time_both(cfg)
-    results = [{**profile_one(impl, cfg), **timing[impl], "threads": 1} for impl in ("ours", "transformers")]
+@pytest.mark.parametrize(("precision", "compile"), [("fp32", True), ("bf16", False)])
+def test_benchmark_measures_every_row_in_process(precision, compile):
+    cfg = BenchConfig(
+        preset="tiny", batch_size=2, text_length=8, steps=1, warmup=1, precision=precision, compile=compile
+    )
+    assert (COMPILED in cfg.implementations) == compile
+    timing, peak_flops = time_all(cfg)
+    results = combine([profile_one(impl, cfg) for impl in cfg.implementations], timing)
+    flops = {r["impl"]: r["flops"] for r in results}
     for result in results:
         assert result["flops"] > 0 and result["step_s"] > 0 and math.isfinite(result["loss"])
-        result["achieved_flops"] = result["flops"] / result["step_s"]
-    assert (
-        results[0]["flops"] == results[1]["flops"]
-        or abs(results[0]["flops"] / results[1]["flops"] - 1) < 0.05
-    )
-    table = format_table(cfg, results, peak_flops=1e11)
-    assert "ratio transformers/ours" in table
+    assert abs(flops["ours"] / flops["transformers"] - 1) < 0.05
+    table = format_table(cfg, results, peak_flops)
+    assert "ratio transformers/ours" in table and len(table.splitlines()) == 5 + len(results)
+
+
+def test_a_bad_benchmark_config_is_refused():
+    with pytest.raises(ValueError, match="precision"):
+        BenchConfig(precision="fp16")
+    with pytest.raises(ValueError, match="device"):
+        BenchConfig(device="tpu")

@@ -5,34 +5,21 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from flava_batches import make_batch, small_hf_config
-from transformers import FlavaForPreTraining
+from flava_batches import make_batch, perturbed_reference, reference_call
 
 from model import load_hf_checkpoint
 from model.checkpoint import to_hf_state
-from model.flava import KIND_KEYS
 
 RTOL = 1e-4
 
 
 @pytest.fixture(scope="module")
 def pair(tmp_path_factory):
-    """(reference, ours) with identical, deliberately non-trivial weights (HF zero-inits tokens and LNs)."""
-    torch.manual_seed(0)
-    hf = FlavaForPreTraining(small_hf_config()).eval()
-    with torch.no_grad():
-        for p in hf.parameters():
-            p.add_(torch.randn_like(p) * (0.05 if p.ndim > 1 else 0.1))
-        hf.flava.logit_scale.fill_(2.0)
+    """(reference, ours) with identical, deliberately non-trivial weights."""
+    hf = perturbed_reference()
     path = tmp_path_factory.mktemp("hf")
     hf.save_pretrained(path)
     return hf, load_hf_checkpoint(path).eval()
-
-
-def reference_call(hf: FlavaForPreTraining, batch: dict):
-    """transformers decides its losses from which inputs are present: pass exactly those of the kind."""
-    keys = KIND_KEYS[batch["kind"]]
-    return hf(**{k: batch[k].clone() for k in keys}, return_dict=True)  # the reference edits labels in place
 
 
 def assert_close(ours: torch.Tensor, ref: torch.Tensor, what: str) -> None:
