@@ -1,8 +1,8 @@
 """The benchmark's measuring code runs for every row (numbers are printed, never asserted).
 
-At tiny size on CPU, in fp32 with the torch.compile'd row, and under bf16 autocast (the GPU check's
-precision, here on CPU): the code paths of ``jobs/benchmark_model.py`` and ``scripts/gpu-check``'s
-benchmark, short of the CUDA synchronisation and allocator statistics.
+At tiny size on CPU, in fp32 with the torch.compile'd row: the code paths of ``jobs/benchmark_model.py``
+and ``scripts/gpu-check``'s benchmark, short of the CUDA synchronisation and allocator statistics. bf16 on
+CPU takes minutes even at tiny size; ``tests/model/test_device_parity.py`` covers its numbers.
 """
 
 from __future__ import annotations
@@ -14,12 +14,9 @@ import pytest
 from model.benchmark import COMPILED, BenchConfig, combine, format_table, profile_one, time_all
 
 
-@pytest.mark.parametrize(("precision", "compile"), [("fp32", True), ("bf16", False)])
-def test_benchmark_measures_every_row_in_process(precision, compile):
-    cfg = BenchConfig(
-        preset="tiny", batch_size=2, text_length=8, steps=1, warmup=1, precision=precision, compile=compile
-    )
-    assert (COMPILED in cfg.implementations) == compile
+def test_benchmark_measures_every_row_in_process():
+    cfg = BenchConfig(preset="tiny", batch_size=2, text_length=8, steps=1, warmup=1, compile=True)
+    assert COMPILED in cfg.implementations
     timing, peak_flops = time_all(cfg)
     results = combine([profile_one(impl, cfg) for impl in cfg.implementations], timing)
     flops = {r["impl"]: r["flops"] for r in results}

@@ -59,5 +59,11 @@ def test_compiled_layers_run_compiled_with_the_eager_numbers(tmp_path):
     assert eager["graphs"] == 0 and compiled["graphs"] > 0
     torch.testing.assert_close(compiled["loss"], eager["loss"], rtol=1e-5, atol=1e-6)
     assert compiled["grads"].keys() == eager["grads"].keys()
-    for name, grad in eager["grads"].items():
-        torch.testing.assert_close(compiled["grads"][name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    # inductor fuses and reorders fp32 reductions (a position table's gradient sums over batch and heads):
+    # gradients agree to fp32 summation error relative to their size, not elementwise at 1e-4
+    errors = {
+        name: ((compiled["grads"][name] - grad).norm() / grad.norm().clamp_min(1e-12)).item()
+        for name, grad in eager["grads"].items()
+    }
+    worst = max(errors, key=errors.get)
+    assert errors[worst] < 1e-5, (worst, errors[worst])
