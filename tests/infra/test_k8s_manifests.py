@@ -178,18 +178,37 @@ def _repo_config_path(docs: tuple[dict, ...], job: dict, mounted: str) -> Path:
     raise AssertionError(f"{job['metadata']['name']}: no volume of the head is mounted at {mounted}")
 
 
+def _limits(group: dict) -> dict:
+    return group["template"]["spec"]["containers"][0]["resources"]["limits"]
+
+
+def ray_cpus(group: dict) -> float:
+    """The CPUs Ray gets on each pod of a group: KubeRay starts Ray with ``num-cpus`` from rayStartParams,
+    else the CPU limit."""
+    return quantity(group.get("rayStartParams", {}).get("num-cpus", _limits(group)["cpu"]))
+
+
+def has_gpus(group: dict) -> bool:
+    return "nvidia.com/gpu" in _limits(group)
+
+
+def train_groups(doc: dict) -> list[dict]:
+    """The worker groups Train workers can use: in a cluster with GPUs the groups with GPUs (Train asks for
+    one per worker; CPU-only groups serve Ray Data's tasks), else every group."""
+    groups = cluster_spec(doc)["workerGroupSpecs"]
+    return [g for g in groups if has_gpus(g)] or groups
+
+
 def ray_resources(job: dict) -> dict[str, float]:
-    """What ``ray.cluster_resources()`` reports on the job's cluster: KubeRay starts each pod's Ray with
-    ``num-cpus`` from rayStartParams, else its CPU limit, and its GPU limit."""
+    """What ``ray.cluster_resources()`` reports on the job's cluster: each pod's Ray CPUs and its GPU
+    limit."""
     cluster = cluster_spec(job)
     groups = [(cluster["headGroupSpec"], 1)]
     groups += [(g, g["replicas"]) for g in cluster["workerGroupSpecs"]]
     total = {"CPU": 0.0, "GPU": 0.0}
     for group, replicas in groups:
-        limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
-        cpus = group.get("rayStartParams", {}).get("num-cpus", limits["cpu"])
-        total["CPU"] += replicas * quantity(cpus)
-        total["GPU"] += replicas * quantity(limits.get("nvidia.com/gpu", 0))
+        total["CPU"] += replicas * ray_cpus(group)
+        total["GPU"] += replicas * quantity(_limits(group).get("nvidia.com/gpu", 0))
     return total
 
 
@@ -232,12 +251,8 @@ def parse_entrypoint(docs: tuple[dict, ...], job: dict):
 
 
 def _train_slots(job: dict) -> int:
-    """Train workers the job's worker groups can hold: one per GPU, or one per pod on CPU."""
-    slots = 0
-    for group in cluster_spec(job)["workerGroupSpecs"]:
-        limits = group["template"]["spec"]["containers"][0]["resources"]["limits"]
-        slots += group["replicas"] * max(1, int(limits.get("nvidia.com/gpu", 0)))
-    return slots
+    """Train workers the job's train groups can hold: one per GPU, or one per pod on CPU."""
+    return sum(g["replicas"] * max(1, int(_limits(g).get("nvidia.com/gpu", 0))) for g in train_groups(job))
 
 
 @pytest.mark.parametrize("name", KUSTOMIZATIONS)
@@ -263,10 +278,7 @@ def test_entrypoints_parse_and_fit_their_cluster(name, tmp_path, monkeypatch):
             f"{where}: warmup {train.warmup_steps} >= {train.steps} steps"
         )
         assert 0 < train.val_every <= train.steps and 0 < train.checkpoint_every <= train.steps, where
-        gpus = any(
-            "nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"].get("limits", {})
-            for g in cluster_spec(job)["workerGroupSpecs"]
-        )
+        gpus = any(has_gpus(g) for g in cluster_spec(job)["workerGroupSpecs"])
         assert config.train.use_gpu == gpus, f"{where}: train.use_gpu={config.train.use_gpu}, GPUs: {gpus}"
         slots = _train_slots(job)
         if script == "pretrain":
@@ -275,9 +287,8 @@ def test_entrypoints_parse_and_fit_their_cluster(name, tmp_path, monkeypatch):
         else:
             per_trial = config.tune.workers_per_trial or config.train.num_workers
             assert per_trial <= slots, f"{where}: a trial needs {per_trial} of {slots} worker slots"
-        for group in cluster_spec(job)["workerGroupSpecs"]:
-            ray_cpus = quantity(group["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"])
-            assert config.train.cpus_per_worker < ray_cpus, f"{where}: no CPU left for Ray Data tasks"
+        for group in train_groups(job):
+            assert config.train.cpus_per_worker < ray_cpus(group), f"{where}: no CPU left for Ray Data tasks"
         assert config.storage.s3_endpoint_url == storage.get("s3_endpoint_url", ""), (
             f"{where}: storage.s3_endpoint_url disagrees with the flava-storage ConfigMap"
         )
@@ -317,9 +328,9 @@ def assert_phases_chain(name: str, configs: dict) -> None:
 
 
 def assert_elastic_range(where: str, job: dict, config) -> None:
-    """The worker group's replica range is the run's worker range (one Train worker per pod), and a
+    """The train group's replica range is the run's worker range (one Train worker per pod), and a
     range that can shrink is kept by KubeRay's autoscaler (it replaces preempted pods)."""
-    (group,) = cluster_spec(job)["workerGroupSpecs"]
+    (group,) = train_groups(job)
     fewest, most = config.train.worker_range
     replicas = (group["minReplicas"], group["replicas"], group["maxReplicas"])
     assert replicas == (fewest, most, most), (
@@ -645,16 +656,54 @@ def test_config_map_references_resolve(name):
                         assert ref["key"] in config_map(docs, ref["name"])["data"], f"{name}: {pod.where}"
 
 
+def _tolerates_gpus(spec: dict) -> bool:
+    return any(
+        t["key"] == "nvidia.com/gpu" and t["operator"] == "Exists" for t in spec.get("tolerations", [])
+    )
+
+
+def _hardening(group: dict) -> dict:
+    """What a worker pod shares with its cluster's other groups whatever its size: security, identity,
+    labels (the NetworkPolicies select on them), credentials and volume mounts."""
+    spec = group["template"]["spec"]
+    (container,) = spec["containers"]
+    return {
+        "labels": group["template"]["metadata"]["labels"],
+        "pod": {k: spec.get(k) for k in ("securityContext", "automountServiceAccountToken")},
+        "container": {k: container.get(k) for k in ("image", "securityContext", "env", "volumeMounts")},
+        "volumes": [{k: v for k, v in vol.items() if k != "emptyDir"} for vol in spec.get("volumes", [])],
+    }
+
+
 def test_gpu_workers_request_and_tolerate_gpus():
-    for doc in render("overlays/gpu"):
-        for pod in pods(doc):
-            if pod.role != "worker":
-                continue
-            resources = pod.spec["containers"][0]["resources"]
-            assert quantity(resources["limits"]["nvidia.com/gpu"]) >= 1, pod.where
-            assert resources["requests"]["nvidia.com/gpu"] == resources["limits"]["nvidia.com/gpu"], pod.where
-            tolerations = pod.spec.get("tolerations", [])
-            assert any(t["key"] == "nvidia.com/gpu" and t["operator"] == "Exists" for t in tolerations)
+    """Train workers get GPUs; beside them a CPU-only group, hardened like them, adds CPUs for Ray Data's
+    preprocessing (the layout infra/README.md tells users to copy)."""
+    clusters = [d for d in render("overlays/gpu") if cluster_spec(d) is not None]
+    assert len(clusters) == len(RAYJOBS) + 1
+    for doc in clusters:
+        where = f"{doc['kind']}/{doc['metadata']['name']}"
+        groups = cluster_spec(doc)["workerGroupSpecs"]
+        gpu = [g for g in groups if has_gpus(g)]
+        assert gpu and train_groups(doc) == gpu, where
+        for group in gpu:
+            resources = group["template"]["spec"]["containers"][0]["resources"]
+            assert quantity(resources["limits"]["nvidia.com/gpu"]) >= 1, where
+            assert resources["requests"]["nvidia.com/gpu"] == resources["limits"]["nvidia.com/gpu"], where
+            assert _tolerates_gpus(group["template"]["spec"]), where
+        cpu_only = [g for g in groups if not has_gpus(g)]
+        assert cpu_only, f"{where}: no CPU-only worker group for Ray Data's preprocessing"
+        for group in cpu_only:
+            here = f"{where} worker group {group['groupName']}"
+            resources = group["template"]["spec"]["containers"][0]["resources"]
+            assert "nvidia.com/gpu" not in resources["requests"] | resources["limits"], here
+            assert not _tolerates_gpus(group["template"]["spec"]), f"{here} would take a GPU node"
+            assert ray_cpus(group) > 0, f"{here} gives Ray Data no CPUs"
+            assert _hardening(group) == _hardening(gpu[0]), (
+                f"{here} is not hardened like {gpu[0]['groupName']}"
+            )
+            assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"], here
+            if doc["kind"] == "RayJob":  # the autoscaler grows it as Ray Data asks for CPUs
+                assert autoscaled(doc) and group["replicas"] < group["maxReplicas"], here
 
 
 def test_cpu_smoke_fits_a_laptop():
