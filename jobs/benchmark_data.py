@@ -23,7 +23,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--rows", type=int, default=1024, help="rows of the synthetic dataset")
     parser.add_argument("--image-size", type=int, default=224, help="image size of the synthetic dataset")
     parser.add_argument("--workers", type=int, default=2, help="DataLoader workers = Ray CPUs")
-    parser.add_argument("--rounds", type=int, default=3, help="timed epochs per path, interleaved")
+    parser.add_argument("--rounds", type=int, default=3, help="timed rounds per path, interleaved")
+    parser.add_argument("--epochs-per-round", type=int, default=2, help="consecutive epochs of a round")
     parser.add_argument("--prepare-rows", type=int, default=64, help="rows per prepare (map_batches) call")
 
 
@@ -44,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         args.rounds,
         args.prepare_rows,
         args.config,
+        args.epochs_per_round,
     )
     print(benchmark.format_table(results, args.workers))
     return 0

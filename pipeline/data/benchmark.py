@@ -1,11 +1,14 @@
 """Input-pipeline throughput on the same shards and transforms, three ways, in one run.
 
 - per-core bound: one process reads, prepares, batches and augments (no parallelism, no transfer);
-- torch DataLoader with W worker processes preparing shards, the main process batching and augmenting;
+- torch DataLoader with W persistent worker processes preparing shards, the main process batching and
+  augmenting, one iterator per epoch (as a training loop uses it);
 - Ray Data: the training job's own reader (``pipeline.data.reader.SourceReader``: read tasks that read,
-  order and prepare the rows of the epoch, run by Ray Data on a local cluster of W CPUs), augmented
-  exactly as the Train worker's ``MixedStream`` does.
-Each path runs one warm-up epoch (worker start-up, imports) and then timed epochs.
+  order and prepare the rows, run by Ray Data on a local cluster of W CPUs), read as a Train worker reads
+  it (``SourceReader.epochs``: consecutive epochs stream from one execution) and augmented exactly as
+  the Train worker's ``MixedStream`` does; its stream is closed at the end of each round, so that it does
+  not work ahead while the other paths are timed.
+Each path runs one warm-up round (worker start-up, imports) and then timed rounds of consecutive epochs.
 """
 
 from __future__ import annotations
@@ -99,16 +102,30 @@ def rebatch(chunks: Iterator[dict[str, np.ndarray]], size: int) -> Iterator[dict
             pending = [rest] if have else []
 
 
-def consume(setup: Setup, batches: Iterator[dict[str, np.ndarray]], epoch: int) -> int:
-    samples = 0
-    for i, rows in enumerate(batches):
+Batches = Iterator[tuple[int, int, dict[str, np.ndarray]]]  # (epoch, batch index, prepared rows)
+
+
+def consume(setup: Setup, batches: Batches) -> tuple[int, float]:
+    """Samples augmented, and when the last one was (a stream's shutdown after it is not training time)."""
+    samples, last = 0, time.perf_counter()
+    for epoch, i, rows in batches:
         batch = augment_batch(setup.kind, rows, setup.params, batch_rng(0, epoch, i))
         samples += len(batch["attention_mask" if setup.kind == "text" else "pixel_values"])
-    return samples
+        last = time.perf_counter()
+    return samples, last
+
+
+def numbered(epochs: range, epoch_batches) -> Batches:
+    for epoch in epochs:
+        for i, rows in enumerate(epoch_batches()):
+            yield epoch, i, rows
 
 
 def bench_single(setup: Setup):
-    return lambda e: consume(setup, rebatch(prepared_chunks(setup, setup.paths), setup.batch_size), e)
+    def chunks():
+        return rebatch(prepared_chunks(setup, setup.paths), setup.batch_size)
+
+    return lambda epochs: consume(setup, numbered(epochs, chunks))
 
 
 class ShardChunks(torch.utils.data.IterableDataset):
@@ -128,13 +145,10 @@ def bench_dataloader(setup: Setup, workers: int):
         ShardChunks(setup), batch_size=None, num_workers=workers, persistent_workers=True, prefetch_factor=4
     )
 
-    def epoch(e: int) -> int:
-        chunks = (
-            {k: v.numpy() for k, v in chunk.items()} for chunk in loader
-        )  # tensors come via shared memory
-        return consume(setup, rebatch(chunks, setup.batch_size), e)
+    def chunks():  # tensors come via shared memory
+        return rebatch(({k: v.numpy() for k, v in chunk.items()} for chunk in loader), setup.batch_size)
 
-    return epoch
+    return lambda epochs: consume(setup, numbered(epochs, chunks))
 
 
 def bench_ray(setup: Setup, workers: int):
@@ -151,11 +165,17 @@ def bench_ray(setup: Setup, workers: int):
     spec = build_train_data(setup.config, setup.tokenizer).spec
     reader = SourceReader(spec, setup.kind, rank=0, world=1)  # what a Train worker reads
 
-    def rows_of(e: int):  # the whole epoch: its dataset ends as it does in training, workers stay warm
-        for _, rows in reader.epoch(e):
-            yield {k: v for k, v in rows.items() if k not in BOOKKEEPING}
+    def stream(epochs: range) -> Batches:
+        rows_of = reader.epochs(epochs.start, 0)
+        try:
+            for epoch, i, rows in rows_of:
+                if epoch >= epochs.stop:
+                    return
+                yield epoch, i, {k: v for k, v in rows.items() if k not in BOOKKEEPING}
+        finally:
+            rows_of.close()  # stops its execution: no work ahead while the next path is timed
 
-    return lambda e: consume(setup, rows_of(e), e)
+    return lambda epochs: consume(setup, stream(epochs))
 
 
 def run(
@@ -168,32 +188,35 @@ def run(
     rounds: int,
     prepare_rows_: int,
     config_path: str | None = None,
+    epochs_per_round: int = 2,
 ) -> dict[str, float]:
-    """Median samples/s per path over ``rounds`` epochs, the paths interleaved epoch by epoch so that a
-    change in machine load hits all of them alike (each path has one untimed warm-up epoch first)."""
+    """Median samples/s per path over ``rounds`` rounds of ``epochs_per_round`` epochs, the paths
+    interleaved round by round so that a change in machine load hits all of them alike (each path has
+    one untimed warm-up round first)."""
     import ray
 
     config = load_config(config_path, argv_overrides)
     setup = make_setup(config, kind, dataset, rows, image_size, prepare_rows_)
     print(
         f"{setup.kind}: {setup.rows} rows in {len(setup.paths)} shards at {setup.dataset}, "
-        f"{setup.params.image_size}px, batch {setup.batch_size}, {workers} worker CPU(s), {rounds} round(s)"
+        f"{setup.params.image_size}px, batch {setup.batch_size}, {workers} worker CPU(s), {rounds} round(s) "
+        f"of {epochs_per_round} epoch(s)"
     )
     paths = {"single process (per-core bound)": bench_single(setup)}
     # DataLoader workers fork before Ray starts its threads
     paths[f"torch DataLoader ({workers} workers)"] = bench_dataloader(setup, workers)
-    paths[f"torch DataLoader ({workers} workers)"](0)
+    paths[f"torch DataLoader ({workers} workers)"](range(1))
     paths[f"Ray Data ({workers} CPUs)"] = bench_ray(setup, workers)
     try:
-        for name, epoch in paths.items():
+        for name, epochs in paths.items():
             if not name.startswith("torch"):
-                epoch(0)
+                epochs(range(epochs_per_round))
         rates: dict[str, list[float]] = {name: [] for name in paths}
-        for r in range(rounds):
-            for name, epoch in paths.items():
+        for r in range(1, rounds + 1):
+            for name, epochs in paths.items():
                 start = time.perf_counter()
-                samples = epoch(r + 1)
-                rates[name].append(samples / (time.perf_counter() - start))
+                samples, last = epochs(range(r * epochs_per_round, (r + 1) * epochs_per_round))
+                rates[name].append(samples / (last - start))
     finally:
         ray.shutdown()
         if not dataset:  # the synthetic shards made for this run

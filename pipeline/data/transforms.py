@@ -2,12 +2,13 @@
 
 Two stages, so that the expensive work parallelises in Ray Data and the random work stays reproducible:
 
-- ``prepare_rows`` (deterministic, CPU-heavy; runs in Ray Data tasks): decode + normalise images,
-  tokenise captions, drop bad rows with a reason.
+- ``prepare_rows`` (deterministic, CPU-heavy; runs in Ray Data tasks): decode images (kept uint8, a
+  quarter of the float32 bytes through the object store), tokenise captions, drop bad rows with a reason.
 - ``augment_batch`` (random, cheap; runs where the batch is consumed, with an explicit generator):
-  horizontal flip (switching the MIM targets to the flipped codes), BEiT block masking, MLM masking,
-  ITM negatives; for a DINO image phase, the multi-crop views instead (``multi_crop``). Seeding it per
-  (kind, epoch, batch) makes the stream reproducible and checkpointable.
+  normalisation fused with the horizontal flip (switching the MIM targets to the flipped codes) in one
+  pass, BEiT block masking, MLM masking, ITM negatives; for a DINO image phase, the multi-crop views
+  instead (``multi_crop``). Seeding it per (kind, epoch, batch) makes the stream reproducible and
+  checkpointable.
 """
 
 from __future__ import annotations
@@ -108,28 +109,31 @@ def decode_images(images: list[bytes] | np.ndarray, image_size: int) -> tuple[np
     return out, reasons
 
 
-def normalize(pixels: np.ndarray) -> np.ndarray:
-    """uint8 (n, H, W, 3) -> float32 (n, 3, H, W) normalised with the CLIP mean/std."""
+def normalize(pixels: np.ndarray, mirrored: np.ndarray | None = None) -> np.ndarray:
+    """uint8 (n, H, W, 3) -> float32 (n, 3, H, W) normalised with the CLIP mean/std; rows where
+    ``mirrored`` is True come out horizontally flipped (in the same pass: no second copy)."""
     out = np.empty((pixels.shape[0], 3, *pixels.shape[1:3]), dtype=np.float32)
-    for c in range(3):
-        np.take(_NORM_LUT[c], pixels[..., c], out=out[:, c])
+    if mirrored is None or not mirrored.any():
+        for c in range(3):
+            np.take(_NORM_LUT[c], pixels[..., c], out=out[:, c])
+        return out
+    for i, mirror in enumerate(mirrored):
+        image = pixels[i, :, ::-1] if mirror else pixels[i]
+        for c in range(3):
+            np.take(_NORM_LUT[c], image[..., c], out=out[i, c])
     return out
 
 
 def flip_images(
-    pixel_values: np.ndarray, codes: np.ndarray, codes_flipped: np.ndarray, probability: float, rng
+    pixels: np.ndarray, codes: np.ndarray, codes_flipped: np.ndarray, probability: float, rng
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Horizontally flips a random subset; flipped rows take the codes computed on the flipped image.
+    """Normalises uint8 (n, H, W, 3) images, horizontally flipping a random subset; flipped rows take
+    the codes computed on the flipped image.
 
     Returns (pixel_values, mim codes, flipped mask). No crop or resize: the codes must stay aligned.
     """
-    flipped = rng.random(len(pixel_values)) < probability
-    if not flipped.any():
-        return pixel_values, codes, flipped
-    out = np.empty_like(pixel_values)
-    for i, flip in enumerate(flipped):  # one copy pass, mirrored where flipped
-        out[i] = pixel_values[i, ..., ::-1] if flip else pixel_values[i]
-    return out, np.where(flipped[:, None], codes_flipped, codes), flipped
+    flipped = rng.random(len(pixels)) < probability
+    return normalize(pixels, flipped), np.where(flipped[:, None], codes_flipped, codes), flipped
 
 
 def crop_box(
@@ -320,7 +324,7 @@ def prepare_columns(
         ).any(1)
         for i, reason in enumerate(decoded):
             reasons[i] = reason or ("codes_out_of_range" if bad_codes[i] else None)
-        out["pixel_values"] = normalize(pixels)
+        out["pixels"] = pixels
         out["dvae_codes"] = codes.astype(np.int16, copy=False)
         out["dvae_codes_flipped"] = codes_flipped.astype(np.int16, copy=False)
     if kind in ("text", "image_text"):
@@ -353,13 +357,13 @@ def augment_batch(kind: str, rows: dict[str, np.ndarray], params: TransformParam
     batch: dict = {"kind": kind}
     if kind == "image" and params.multi_crop is not None:
         batch["global_crops"], batch["local_crops"] = multi_crop(
-            rows["pixel_values"], params.multi_crop, params.flip_probability, rng
+            normalize(rows["pixels"]), params.multi_crop, params.flip_probability, rng
         )
     elif kind in ("image", "image_text"):
         pixels, codes, _ = flip_images(
-            rows["pixel_values"], rows["dvae_codes"], rows["dvae_codes_flipped"], params.flip_probability, rng
+            rows["pixels"], rows["dvae_codes"], rows["dvae_codes_flipped"], params.flip_probability, rng
         )
-        batch["pixel_values"] = np.ascontiguousarray(pixels, dtype=np.float32)
+        batch["pixel_values"] = pixels
         batch["bool_masked_pos"] = block_masks(len(pixels), params.code_grid, params.mim_mask_ratio, rng)
         batch["mim_labels"] = codes.astype(np.int64)
     if kind in ("text", "image_text"):

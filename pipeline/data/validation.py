@@ -16,11 +16,12 @@ import numpy as np
 from pipeline.config import Config
 from pipeline.data.mixing import seed_index
 from pipeline.data.tokenizer import WordPieceTokenizer, load_tokenizer
-from pipeline.data.transforms import TransformParams, augment_batch, batch_rng, prepare_rows
+from pipeline.data.transforms import TransformParams, augment_batch, batch_rng, normalize, prepare_rows
 from pipeline.shards import format as shard_format
 
 log = logging.getLogger(__name__)
 
+TEXT = ("input_ids", "attention_mask")
 VAL_STREAM = 1 << 20  # keeps validation seeds apart from the train ranks' seeds
 
 
@@ -113,11 +114,8 @@ def retrieval_pairs(
     params, tokenizer = _resolve(config, params, tokenizer, ["image_text"])
     share = -(-max_pairs // len(uris))
     parts = [held_out_rows(config, "image_text", params, tokenizer, share, uri)[0] for uri in uris]
+    pairs = {name: np.concatenate([p[name] for p in parts])[:max_pairs] for name in ("pixels", *TEXT)}
     return {
-        name: np.concatenate([p[name] for p in parts])[:max_pairs].astype(dtype)
-        for name, dtype in (
-            ("pixel_values", np.float32),
-            ("input_ids", np.int64),
-            ("attention_mask", np.int64),
-        )
+        "pixel_values": normalize(pairs["pixels"]),
+        **{name: pairs[name].astype(np.int64) for name in TEXT},
     }

@@ -76,22 +76,25 @@ def test_decode_images_reports_bad_rows_instead_of_raising():
 
 def test_flip_mirrors_pixels_and_switches_to_flipped_codes():
     rng = np.random.default_rng(0)
-    pixels = rng.normal(size=(400, 3, 8, 8)).astype(np.float32)
+    pixels = rng.integers(0, 256, (400, 8, 8, 3), dtype=np.uint8)
     codes = rng.integers(0, 8192, (400, 4), dtype=np.int16)
     codes_flipped = codes[:, ::-1].copy()
     out, labels, flipped = T.flip_images(pixels, codes, codes_flipped, 0.5, rng)
     assert 0.4 < flipped.mean() < 0.6
-    np.testing.assert_array_equal(out[flipped], pixels[flipped][..., ::-1])
-    np.testing.assert_array_equal(out[~flipped], pixels[~flipped])
+    normalized = T.normalize(pixels)  # the oracle: normalise, then mirror the width axis
+    np.testing.assert_array_equal(out[flipped], normalized[flipped][..., ::-1])
+    np.testing.assert_array_equal(out[~flipped], normalized[~flipped])
     np.testing.assert_array_equal(labels[flipped], codes_flipped[flipped])
     np.testing.assert_array_equal(labels[~flipped], codes[~flipped])
 
 
 def test_flip_probability_zero_keeps_everything():
-    pixels = np.ones((4, 3, 8, 8), dtype=np.float32)
+    pixels = np.random.default_rng(0).integers(0, 256, (4, 8, 8, 3), dtype=np.uint8)
     codes = np.arange(16, dtype=np.int16).reshape(4, 4)
     out, labels, flipped = T.flip_images(pixels, codes, codes + 1, 0.0, np.random.default_rng(0))
-    assert not flipped.any() and out is pixels and labels is codes
+    assert not flipped.any()
+    np.testing.assert_array_equal(labels, codes)
+    np.testing.assert_array_equal(out, T.normalize(pixels))
 
 
 @pytest.mark.parametrize("grid,min_block", [(14, 16), (7, 4), (4, 1)])
@@ -203,7 +206,7 @@ def test_prepare_rows_drops_and_counts_bad_rows():
     table = synthetic_table("image_text", 30, 64, seed=0, bad_every=10)  # rows 9, 19, 29 are bad
     rows, skipped = T.prepare_rows("image_text", columns_of(table), params, FakeTokens())
     assert skipped == {"undecodable_image": 3}  # an image failure is counted once, not also as empty text
-    assert len(rows["pixel_values"]) == len(rows["input_ids"]) == 27
+    assert len(rows["pixels"]) == len(rows["input_ids"]) == 27
     text_rows, text_skipped = T.prepare_rows(
         "text", columns_of(synthetic_table("text", 30, 64, 0, bad_every=10)), params, FakeTokens()
     )
@@ -215,7 +218,7 @@ def test_prepare_rows_flags_codes_out_of_range():
     columns = columns_of(synthetic_table("image", 4, 64, seed=0))
     columns["dvae_codes"][1, 0] = 9000
     rows, skipped = T.prepare_rows("image", columns, params, None)
-    assert skipped == {"codes_out_of_range": 1} and len(rows["pixel_values"]) == 3
+    assert skipped == {"codes_out_of_range": 1} and len(rows["pixels"]) == 3
 
 
 def columns_of(table) -> dict:
