@@ -178,8 +178,16 @@ def _repo_config_path(docs: tuple[dict, ...], job: dict, mounted: str) -> Path:
     raise AssertionError(f"{job['metadata']['name']}: no volume of the head is mounted at {mounted}")
 
 
+def _resources(group: dict) -> dict:
+    return group["template"]["spec"]["containers"][0]["resources"]
+
+
 def _limits(group: dict) -> dict:
-    return group["template"]["spec"]["containers"][0]["resources"]["limits"]
+    return _resources(group)["limits"]
+
+
+def gpus(group: dict) -> float:
+    return quantity(_limits(group).get("nvidia.com/gpu", 0))
 
 
 def ray_cpus(group: dict) -> float:
@@ -208,7 +216,7 @@ def ray_resources(job: dict) -> dict[str, float]:
     total = {"CPU": 0.0, "GPU": 0.0}
     for group, replicas in groups:
         total["CPU"] += replicas * ray_cpus(group)
-        total["GPU"] += replicas * quantity(_limits(group).get("nvidia.com/gpu", 0))
+        total["GPU"] += replicas * gpus(group)
     return total
 
 
@@ -252,7 +260,7 @@ def parse_entrypoint(docs: tuple[dict, ...], job: dict):
 
 def _train_slots(job: dict) -> int:
     """Train workers the job's train groups can hold: one per GPU, or one per pod on CPU."""
-    return sum(g["replicas"] * max(1, int(_limits(g).get("nvidia.com/gpu", 0))) for g in train_groups(job))
+    return sum(g["replicas"] * max(1, int(gpus(g))) for g in train_groups(job))
 
 
 @pytest.mark.parametrize("name", KUSTOMIZATIONS)
@@ -686,7 +694,7 @@ def test_gpu_workers_request_and_tolerate_gpus():
         gpu = [g for g in groups if has_gpus(g)]
         assert gpu and train_groups(doc) == gpu, where
         for group in gpu:
-            resources = group["template"]["spec"]["containers"][0]["resources"]
+            resources = _resources(group)
             assert quantity(resources["limits"]["nvidia.com/gpu"]) >= 1, where
             assert resources["requests"]["nvidia.com/gpu"] == resources["limits"]["nvidia.com/gpu"], where
             assert _tolerates_gpus(group["template"]["spec"]), where
@@ -694,7 +702,7 @@ def test_gpu_workers_request_and_tolerate_gpus():
         assert cpu_only, f"{where}: no CPU-only worker group for Ray Data's preprocessing"
         for group in cpu_only:
             here = f"{where} worker group {group['groupName']}"
-            resources = group["template"]["spec"]["containers"][0]["resources"]
+            resources = _resources(group)
             assert "nvidia.com/gpu" not in resources["requests"] | resources["limits"], here
             assert not _tolerates_gpus(group["template"]["spec"]), f"{here} would take a GPU node"
             assert ray_cpus(group) > 0, f"{here} gives Ray Data no CPUs"
