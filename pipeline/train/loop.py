@@ -9,6 +9,7 @@ metrics (``val/objective`` for Tune); the checkpoint manager saves the training 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import json
@@ -61,6 +62,12 @@ class Progress:
     loss_runs: dict[str, dict[str, int]] = field(default_factory=lambda: {k: {} for k in KINDS})
     time_step_s: float = 0.0  # summed over the steps trained: the run's data-wait fraction
     time_data_s: float = 0.0
+    # seconds of the training loop (from its first step to its last), and the parts of it outside the
+    # steps: what the whole job pays beyond training (jobs/benchmark_trainer.py breaks it down)
+    time_loop_s: float = 0.0
+    time_mlflow_s: float = 0.0
+    time_checkpoint_s: float = 0.0
+    time_validation_s: float = 0.0
     samples_by_source: dict[str, int] = field(default_factory=dict)  # global, per source
     steps_by_source: dict[str, int] = field(default_factory=dict)
     # per source, a moving average of the normalised training loss: written at the end as the run's
@@ -112,6 +119,8 @@ def build_sharded(config: Config, text_vocab_size: int, device: torch.device):
     return model, optimizer, build_scheduler(optimizer, config.train)
 
 
+# Progress.time_<part>_s, reported as perf/total_<part>_s ("checkpoint": checkpoints and other reports)
+LOOP_PARTS = ("step", "data", "loop", "mlflow", "checkpoint", "validation")
 LOSS_AVERAGE = 0.9  # weight of the past in Progress.loss_by_source
 
 
@@ -215,6 +224,16 @@ class Trainer:
             meta={"mlflow_run_id": mlflow_run_id},
         )
         self.tracker = Tracker(config.mlflow.tracking_uri, mlflow_run_id) if self.rank == 0 else None
+
+    @contextlib.contextmanager
+    def timed(self, part: str):
+        """Adds the block's seconds to ``Progress.time_<part>_s``."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            name = f"time_{part}_s"
+            setattr(self.progress, name, getattr(self.progress, name) + time.perf_counter() - t0)
 
     def log(self, message: str) -> None:
         if self.rank == 0:
@@ -331,6 +350,7 @@ class Trainer:
         out = {
             "step": p.step,
             "perf/data_wait_fraction": p.time_data_s / p.time_step_s if p.time_step_s else 0.0,
+            **{f"perf/total_{part}_s": getattr(p, f"time_{part}_s") for part in LOOP_PARTS},
         }
         out.update({f"samples/{k}": v for k, v in p.samples.items()})
         out.update({f"loss_runs/{k}/{n}": c for k, runs in p.loss_runs.items() for n, c in runs.items()})
@@ -352,10 +372,7 @@ class Trainer:
         from pipeline.tune.report import mixing_weights_plot
 
         history = {
-            s: [
-                (m.step, m.value)
-                for m in self.tracker.client.get_metric_history(self.tracker.run_id, f"mix/weight/{s}")
-            ]
+            s: [(m.step, m.value) for m in self.tracker.metric_history(f"mix/weight/{s}")]
             for s in policy.sources
         }
         averaged = policy.time_averaged()
@@ -415,22 +432,29 @@ class Trainer:
             ray.train.report({**self.validate(), **self.summary()})
         started, first_step = time.perf_counter(), p.step
         while p.step < stop:
+            step_started = time.perf_counter()
             metrics = self.step()
             kind = metrics.pop("_kind")
             if self.tracker is not None:
-                self.tracker.add(p.step, metrics)
-                if p.step % train.log_every == 0 or p.step == stop:
-                    self.tracker.add(p.step, self.data.skip_counts())
-                    self.tracker.flush()
-                    eta = (time.perf_counter() - started) / (p.step - first_step) * (stop - p.step)
-                    self.log(_progress_line(p.step, train.steps, kind, metrics, eta))
-            if p.step == stop:
-                break
-            report = self.validate() if train.val_every > 0 and p.step % train.val_every == 0 else {}
-            if self.checkpoints.should_save(p.step):
-                self.checkpoints.save(p.step, {**report, **self.summary()})
-            elif report:
-                ray.train.report({**report, **self.summary()})
+                with self.timed("mlflow"):
+                    self.tracker.add(p.step, metrics)
+                    if p.step % train.log_every == 0 or p.step == stop:
+                        self.tracker.add(p.step, self.data.skip_counts())
+                        self.tracker.flush(background=True)
+                        eta = (time.perf_counter() - started) / (p.step - first_step) * (stop - p.step)
+                        self.log(_progress_line(p.step, train.steps, kind, metrics, eta))
+            if p.step < stop:
+                if train.val_every > 0 and p.step % train.val_every == 0:
+                    with self.timed("validation"):
+                        report = self.validate()
+                else:
+                    report = {}
+                with self.timed("checkpoint"):
+                    if self.checkpoints.should_save(p.step):
+                        self.checkpoints.save(p.step, {**report, **self.summary()})
+                    elif report:
+                        ray.train.report({**report, **self.summary()})
+            p.time_loop_s += time.perf_counter() - step_started
 
         final = self.validate() if train.val_every > 0 else {}
         trained_now = p.step > first_step

@@ -9,6 +9,7 @@ status. A sweep opens its parent run, finds its trials' runs and closes each as 
 
 from __future__ import annotations
 
+import concurrent.futures
 import importlib.metadata
 import logging
 import os
@@ -149,16 +150,28 @@ def find_or_create_run(
 
 
 class Tracker:
-    """Logs to one existing run; metrics are buffered and sent with one ``log_batch`` per flush."""
+    """Logs to one existing run; metrics are buffered and sent with one ``log_batch`` per flush. A
+    ``flush(background=True)`` sends from a thread, so that the training step does not wait for the
+    tracking server; at most one such send is in flight, and every other call waits for it first (and
+    raises its error)."""
 
     def __init__(self, tracking_uri: str, run_id: str):
         self.client = MlflowClient(tracking_uri)
         self.run_id = run_id
         self._pending: list[Metric] = []
+        self._sender: concurrent.futures.ThreadPoolExecutor | None = None
+        self._in_flight: concurrent.futures.Future | None = None
+
+    def wait(self) -> None:
+        """Until a background flush has been sent; raises what it raised."""
+        if self._in_flight is not None:
+            in_flight, self._in_flight = self._in_flight, None
+            in_flight.result()
 
     def log_params(self, params: dict[str, str]) -> None:
         """New keys are logged; a key whose value changed since the run began (a rerun with other
         overrides) cannot be re-logged in MLflow, so it becomes a ``changed_on_resume.<key>`` tag."""
+        self.wait()
         existing = self.client.get_run(self.run_id).data.params
         new = [Param(k, v) for k, v in params.items() if k not in existing]
         changed = [RunTag(f"changed_on_resume.{k}", v) for k, v in params.items() if existing.get(k, v) != v]
@@ -168,21 +181,37 @@ class Tracker:
             self.client.log_batch(self.run_id, tags=changed)
 
     def log_text(self, text: str, artifact_file: str) -> None:
+        self.wait()
         self.client.log_text(self.run_id, text, artifact_file)
 
     def log_dir(self, local_dir: str, artifact_path: str) -> None:
+        self.wait()
         self.client.log_artifacts(self.run_id, local_dir, artifact_path)
 
     def add(self, step: int, metrics: dict[str, float]) -> None:
         now = int(time.time() * 1000)
         self._pending.extend(Metric(k, float(v), now, step) for k, v in metrics.items())
 
-    def flush(self) -> None:
-        for i in range(0, len(self._pending), _BATCH["metrics"]):
-            self.client.log_batch(self.run_id, metrics=self._pending[i : i + _BATCH["metrics"]])
-        self._pending = []
+    def flush(self, background: bool = False) -> None:
+        self.wait()
+        pending, self._pending = self._pending, []
+        if not background:
+            self._send(pending)
+            return
+        if self._sender is None:
+            self._sender = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mlflow-flush")
+        self._in_flight = self._sender.submit(self._send, pending)
+
+    def _send(self, metrics: list[Metric]) -> None:
+        for i in range(0, len(metrics), _BATCH["metrics"]):
+            self.client.log_batch(self.run_id, metrics=metrics[i : i + _BATCH["metrics"]])
+
+    def metric_history(self, key: str) -> list[Metric]:
+        self.wait()
+        return self.client.get_metric_history(self.run_id, key)
 
     def set_tags(self, tags: dict[str, str]) -> None:
+        self.wait()
         self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
 
     def log_model(self, local_dir: str, uri: str) -> None:
@@ -191,6 +220,7 @@ class Tracker:
         self.set_tags({EXPORTED_MODEL_TAG: uri})
 
     def status(self) -> str:
+        self.wait()
         return self.client.get_run(self.run_id).info.status
 
     def finish(self, status: str) -> None:

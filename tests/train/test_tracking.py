@@ -80,3 +80,19 @@ def test_git_commit_outside_a_checkout_comes_from_the_submitter(tmp_path, monkey
     assert git_commit(tmp_path) == "unknown"
     monkeypatch.setenv("FLAVA_GIT_COMMIT", "0123abc")
     assert git_commit(tmp_path) == "0123abc"
+
+
+def test_background_flush_lands_before_any_other_call_and_its_error_surfaces(uri):
+    run_id = tracking.find_or_create_run(uri, MLflowConfig(experiment="t"), "/runs/bg", "bg")
+    tracker = tracking.Tracker(uri, run_id)
+    for step in range(1, 4):
+        tracker.add(step, {"train/loss": float(step)})
+        tracker.flush(background=True)
+    assert [(m.step, m.value) for m in tracker.metric_history("train/loss")] == [(1, 1.0), (2, 2.0), (3, 3.0)]
+
+    lost = tracking.Tracker(uri, "0" * 32)  # no such run: the send fails in the thread
+    lost.add(1, {"train/loss": 1.0})
+    lost.flush(background=True)
+    with pytest.raises(Exception, match="0" * 32):
+        lost.wait()
+    tracker.finish("FINISHED")
