@@ -6,8 +6,8 @@ ratios. Targets: Ray Data >= DataLoader, and >= 70% of the per-core bound per CP
 
 With ``--cpu-only-node-cpus M``: the disaggregated benchmark (``pipeline.data.disaggregated``) on a local
 cluster of a trainer node (W data CPUs) and a CPU-only node (M CPUs): a DataLoader with W workers against
-Ray Data on both nodes (target > 1.3x), and the data-wait fraction of a short training run without and
-with the CPU-only node.
+Ray Data on the trainer node only and on both nodes (target > 1.3x), and the data-wait fraction of a short
+training run without and with the CPU-only node.
 """
 
 from __future__ import annotations
