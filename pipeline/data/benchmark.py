@@ -13,6 +13,7 @@ Each path runs one warm-up round (worker start-up, imports) and then timed round
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -25,7 +26,7 @@ import pyarrow.parquet as pq
 import torch.utils.data
 
 from pipeline import storage
-from pipeline.config import Config, StorageConfig, load_config
+from pipeline.config import Config, StorageConfig
 from pipeline.data.datasets import build_train_data, transform_params
 from pipeline.data.reader import BOOKKEEPING, SourceReader, table_columns
 from pipeline.data.synthetic import write_synthetic_dataset
@@ -161,6 +162,14 @@ def bench_ray(setup: Setup, workers: int):
         log_to_driver=False,
         runtime_env={"env_vars": {"PYTHONPATH": os.environ.get("PYTHONPATH", "")}},
     )
+    return ray_reader_epochs(setup)
+
+
+def ray_reader_epochs(setup: Setup):
+    """The Ray Data path on the cluster this process is connected to: its read tasks go wherever Ray
+    finds a free CPU, its consumer is this process."""
+    import ray
+
     ray.data.DataContext.get_current().enable_progress_bars = False
     spec = build_train_data(setup.config, setup.tokenizer).spec
     reader = SourceReader(spec, setup.kind, rank=0, world=1)  # what a Train worker reads
@@ -178,25 +187,25 @@ def bench_ray(setup: Setup, workers: int):
     return lambda epochs: consume(setup, stream(epochs))
 
 
-def run(
-    argv_overrides: list[str],
-    kind: str,
-    dataset: str,
-    rows: int,
-    image_size: int,
-    workers: int,
-    rounds: int,
-    prepare_rows_: int,
-    config_path: str | None = None,
-    epochs_per_round: int = 2,
-) -> dict[str, float]:
+@contextlib.contextmanager
+def benchmark_setup(
+    config: Config, kind: str, dataset: str, rows: int, image_size: int, prepare_rows_: int
+) -> Iterator[Setup]:
+    """``make_setup``, and the synthetic shards it made (no ``dataset`` given) removed at the end."""
+    setup = make_setup(config, kind, dataset, rows, image_size, prepare_rows_)
+    try:
+        yield setup
+    finally:
+        if not dataset:
+            shutil.rmtree(setup.dataset, ignore_errors=True)
+
+
+def run(setup: Setup, workers: int, rounds: int, epochs_per_round: int = 2) -> dict[str, float]:
     """Median samples/s per path over ``rounds`` rounds of ``epochs_per_round`` epochs, the paths
     interleaved round by round so that a change in machine load hits all of them alike (each path has
     one untimed warm-up round first)."""
     import ray
 
-    config = load_config(config_path, argv_overrides)
-    setup = make_setup(config, kind, dataset, rows, image_size, prepare_rows_)
     print(
         f"{setup.kind}: {setup.rows} rows in {len(setup.paths)} shards at {setup.dataset}, "
         f"{setup.params.image_size}px, batch {setup.batch_size}, {workers} worker CPU(s), {rounds} round(s) "
@@ -208,19 +217,23 @@ def run(
     paths[f"torch DataLoader ({workers} workers)"](range(1))
     paths[f"Ray Data ({workers} CPUs)"] = bench_ray(setup, workers)
     try:
-        for name, epochs in paths.items():
-            if not name.startswith("torch"):
-                epochs(range(epochs_per_round))
-        rates: dict[str, list[float]] = {name: [] for name in paths}
-        for r in range(1, rounds + 1):
-            for name, epochs in paths.items():
-                start = time.perf_counter()
-                samples, last = epochs(range(r * epochs_per_round, (r + 1) * epochs_per_round))
-                rates[name].append(samples / (last - start))
+        return time_paths(paths, rounds, epochs_per_round)
     finally:
         ray.shutdown()
-        if not dataset:  # the synthetic shards made for this run
-            shutil.rmtree(setup.dataset, ignore_errors=True)
+
+
+def time_paths(paths: dict, rounds: int, epochs_per_round: int) -> dict[str, float]:
+    """Median samples/s per path; every path but the DataLoader (warmed before Ray started: its workers
+    fork) gets its untimed warm-up round here."""
+    for name, epochs in paths.items():
+        if not name.startswith("torch"):
+            epochs(range(epochs_per_round))
+    rates: dict[str, list[float]] = {name: [] for name in paths}
+    for r in range(1, rounds + 1):
+        for name, epochs in paths.items():
+            start = time.perf_counter()
+            samples, last = epochs(range(r * epochs_per_round, (r + 1) * epochs_per_round))
+            rates[name].append(samples / (last - start))
     return {name: float(np.median(values)) for name, values in rates.items()}
 
 

@@ -90,7 +90,8 @@ class LocalCluster:
 
     The test bed the test session, ``jobs/fault_drill.py`` and the benchmarks share: a head of
     ``head_cpus`` and one node per entry of ``node_cpus`` (4 logical CPUs in all by default, on two
-    nodes). Connects this process (``ray.init``) as the head; ``env_vars`` reach every Ray process of the
+    nodes; ``head_resources``: custom Ray resources the head offers). Connects this process (``ray.init``)
+    as the head; ``env_vars`` reach every Ray process of the
     job (``runtime_env``), and the added nodes inherit this process's environment (credentials)."""
 
     def __init__(
@@ -99,8 +100,10 @@ class LocalCluster:
         node_cpus: tuple[int, ...] = (2,),
         env_vars: dict[str, str] | None = None,
         log_dir: Path | None = None,
+        head_resources: dict[str, float] | None = None,
     ):
         self.head_cpus, self.node_cpus = head_cpus, node_cpus
+        self.head_resources = dict(head_resources or {})
         self.env_vars = dict(env_vars or {})
         self.log_dir = log_dir
         self.nodes: list[Node] = []
@@ -114,6 +117,7 @@ class LocalCluster:
         ray.init(
             address="local",  # always a new cluster, never one a `ray start` on this machine left behind
             num_cpus=self.head_cpus,
+            resources=self.head_resources,
             include_dashboard=False,
             _system_config=HEALTH_CHECKS,
             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT), **self.env_vars}},
