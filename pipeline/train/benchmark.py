@@ -93,16 +93,21 @@ def _rows(batch: dict) -> int:
     return len(next(v for v in batch.values() if isinstance(v, np.ndarray)))
 
 
-def time_steps(model, optimizer, scheduler, batches: list[dict], warmup: int) -> list[float]:
-    """Seconds per optimizer step after ``warmup`` untimed steps."""
+def time_steps(
+    model, optimizer, scheduler, batches: list[dict], warmup: int, cpu: list[float] | None = None
+) -> list[float]:
+    """Seconds per optimizer step after ``warmup`` untimed steps (and this process's CPU seconds per
+    step appended to ``cpu``)."""
     times = []
     for i, batch in enumerate(batches):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         optimizer_step(
             model, optimizer, scheduler, iter([to_torch(batch)]), 1, 1.0, model.spec.losses_for(batch["kind"])
         )
         if i >= warmup:
             times.append(time.perf_counter() - t0)
+            if cpu is not None:
+                cpu.append(time.process_time() - c0)
     return times
 
 
@@ -127,11 +132,13 @@ def bare(config: Config, batches: list[dict], vocab: int, warmup: int, fsdp: boo
         dist.destroy_process_group()
 
 
-def sharded_step_times(config: Config, vocab: int, batches: list[dict], warmup: int) -> list[float]:
+def sharded_step_times(
+    config: Config, vocab: int, batches: list[dict], warmup: int, cpu: list[float] | None = None
+) -> list[float]:
     """The training loop's model setup (``build_sharded``) timed on ``batches``; in a process group."""
     torch.set_num_threads(config.train.cpus_per_worker)
     model, optimizer, scheduler = build_sharded(config, vocab, torch.device("cpu"))
-    return time_steps(model, optimizer, scheduler, batches, warmup)
+    return time_steps(model, optimizer, scheduler, batches, warmup, cpu)
 
 
 def _trainer_worker(loop_config: dict) -> None:
@@ -167,9 +174,10 @@ def step_time_table(config: Config, steps: int, warmup: int) -> list[StepTimes]:
     ]
 
 
-def bare_torchrun(config: Config, steps: int) -> list[float]:
-    """Step times of ``train.num_workers`` plain ``torchrun`` processes (``torchrun_baseline``), the job's
-    model, FSDP2 and per-rank batch, on in-memory batches; every step timed (the whole job's are too)."""
+def bare_torchrun(config: Config, steps: int) -> dict[str, list[float]]:
+    """Rank 0's seconds and CPU seconds per step (``times``, ``cpu``) of ``train.num_workers`` plain
+    ``torchrun`` processes (``torchrun_baseline``): the job's model, FSDP2 and per-rank batch, on in-memory
+    batches; every step timed (the whole job's are too)."""
     config = resolve_paths(config)
     per_rank, vocab = step_batches(config, steps, ranks=config.train.num_workers)
     with tempfile.TemporaryDirectory(prefix="bench-torchrun-") as tmp:
@@ -275,11 +283,11 @@ def whole_job(config: Config) -> dict:
     return out
 
 
-def whole_job_table(config: Config, bare_times: list[float], job: dict) -> str:
+def whole_job_table(config: Config, bare_run: dict[str, list[float]], job: dict) -> str:
     """The whole job against the bare ``torchrun`` run, per step, and where the difference goes. Data
     preparation runs on the same cores: during the data wait the train workers idle, and the rest of its
     CPU time slows their steps, so it is charged max(wait, its CPU seconds / cores) (cores shared evenly)."""
-    bare = statistics.fmean(bare_times)
+    bare = statistics.fmean(bare_run["times"])
     cores = len(os.sched_getaffinity(0))
     batch = config.data.batch_size * config.train.grad_accum * config.train.num_workers
     prep_cpu = job["cpu"].get("data preparation", 0.0)
@@ -294,6 +302,7 @@ def whole_job_table(config: Config, bare_times: list[float], job: dict) -> str:
         ("  MLflow logging (rank 0)", job["mlflow_s"]),
         ("  checkpoints and Ray Train reports", job["checkpoint_s"]),
         ("  step beyond bare, less data wait", job["step_s"] - job["data_s"] - bare),
+        (f"  Ray's own processes' CPU / {cores} cores", job["cpu"].get("other Ray processes", 0.0) / cores),
         ("  framework: whole - bare - data charged", framework),
         ("  validation (not in the whole job's time)", job["validation_s"]),
     ]
@@ -310,9 +319,11 @@ def whole_job_table(config: Config, bare_times: list[float], job: dict) -> str:
         f"whole job / bare: {bare / job['loop_s']:.2f}x the samples/s; "
         f"framework share {framework / bare:.1%} of the bare step (target < 5%)"
     )
+    bare_cpu = statistics.fmean(bare_run["cpu"]) * config.train.num_workers
     if job["cpu"]:
         lines.append(
-            "CPU s per step over the loop: " + ", ".join(f"{k} {v:.3f}" for k, v in job["cpu"].items())
+            f"CPU s per step: bare torchrun ranks {bare_cpu:.3f}; whole job over its loop: "
+            + ", ".join(f"{k} {v:.3f}" for k, v in job["cpu"].items())
         )
     else:
         lines.append("CPU per process kind: not measured (a single step)")
