@@ -274,13 +274,34 @@ def whole_job(config: Config) -> dict:
     # CPU from the end of the first step to the end of the last (MLflow's timestamps of the step metrics)
     window = (steps[0].timestamp / 1000, steps[-1].timestamp / 1000)
     out["cpu"] = {kind: s / (n - 1) for kind, s in sampler.between(*window).items()} if n > 1 else {}
-    for name in ("chance_r1", "i2t_r1", "t2i_r1", "i2t_r5", "t2i_r5"):  # at step 0 and at the end
-        history = client.get_metric_history(result.mlflow_run_id, f"val/retrieval/{name}")
+    out.update(retrieval(client, result.mlflow_run_id))
+    out["mlflow_run_id"], out["exported_model"] = result.mlflow_run_id, result.exported_model
+    return out
+
+
+def retrieval(client: MlflowClient, run_id: str) -> dict[str, float]:
+    """The run's zero-shot retrieval metrics at step 0 and at the end."""
+    out = {}
+    for name in ("chance_r1", "i2t_r1", "t2i_r1", "i2t_r5", "t2i_r5"):
+        history = client.get_metric_history(run_id, f"val/retrieval/{name}")
         if history:
             history.sort(key=lambda m: m.step)
             out[f"{name}@init"], out[f"{name}@end"] = history[0].value, history[-1].value
-    out["mlflow_run_id"], out["exported_model"] = result.mlflow_run_id, result.exported_model
     return out
+
+
+def data_wait(config: Config) -> dict[str, float]:
+    """Runs the pretraining job and sums its per-step data wait and step time from MLflow."""
+    result = run_pretraining(config)
+    client = MlflowClient(result.tracking_uri)
+    wait = [m.value for m in client.get_metric_history(result.mlflow_run_id, "perf/data_wait_s")]
+    step = [m.value for m in client.get_metric_history(result.mlflow_run_id, "perf/step_time_s")]
+    return {
+        "steps": len(step),
+        "data_wait_fraction": sum(wait) / sum(step),
+        "data_wait_fraction_median_step": statistics.median(w / s for w, s in zip(wait, step, strict=True)),
+        **retrieval(client, result.mlflow_run_id),
+    }
 
 
 def whole_job_table(config: Config, bare_run: dict[str, list[float]], job: dict) -> str:
