@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     print(whole_job_table(config, bare, job))
     print(f"\nMLflow run {job['mlflow_run_id']}")
     print(f"{'metric':<40}{'value':>12}")
-    print(f"{'data_wait_fraction':<40}{job['data_s'] / job['step_s']:>12.4f}")
+    print(f"{'data_wait_fraction':<40}{job['data_wait_fraction']:>12.4f}")
     for key, value in job.items():
         if "@" in key:
             print(f"{key:<40}{value:>12.4f}")

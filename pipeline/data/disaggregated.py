@@ -27,7 +27,7 @@ from pathlib import Path
 from pipeline.config import Config
 from pipeline.data.benchmark import Setup, bench_dataloader, ray_reader_epochs, time_paths
 from pipeline.drills.nodes import LocalCluster
-from pipeline.train.benchmark import data_wait
+from pipeline.train.benchmark import whole_job
 
 TRAINER_NODE = "flava_trainer_node"  # the custom resource only the trainer node offers
 
@@ -85,7 +85,7 @@ def run(
 
     def train(label: str, run_name: str) -> None:
         if train_steps:
-            waits[label] = data_wait(training_config(setup.config, work, run_name, train_steps))
+            waits[label] = whole_job(training_config(setup.config, work, run_name, train_steps))
 
     try:
         with LocalCluster(

@@ -254,8 +254,9 @@ class CpuSampler(threading.Thread):
 
 def whole_job(config: Config) -> dict:
     """Runs the pretraining job while sampling its processes' CPU; per-step seconds of its training loop
-    and of the loop's parts (from the run's summary and MLflow), the CPU seconds per step of each kind of
-    process over the loop, and the retrieval metrics at initialisation and at the end."""
+    and of the loop's parts (from the run's summary and MLflow), its data-wait fraction (whole run, and
+    the median step's), the CPU seconds per step of each kind of process over the loop, and the retrieval
+    metrics at initialisation and at the end."""
     sampler = CpuSampler()
     sampler.start()
     try:
@@ -264,9 +265,14 @@ def whole_job(config: Config) -> dict:
         sampler.stop()
     client = MlflowClient(result.tracking_uri)
     steps = sorted(client.get_metric_history(result.mlflow_run_id, "perf/step_time_s"), key=lambda m: m.step)
+    waits = sorted(client.get_metric_history(result.mlflow_run_id, "perf/data_wait_s"), key=lambda m: m.step)
     m, n = result.metrics, len(steps)
     out = {
         "steps": n,
+        "data_wait_fraction": m["perf/total_data_s"] / m["perf/total_step_s"],
+        "data_wait_fraction_median_step": statistics.median(
+            w.value / s.value for w, s in zip(waits, steps, strict=True)
+        ),
         "loop_s": (m["perf/total_loop_s"] - m["perf/total_validation_s"]) / n,
         **{f"{part}_s": m[f"perf/total_{part}_s"] / n for part in ("step", "data", "mlflow", "checkpoint")},
         "validation_s": m["perf/total_validation_s"] / n,
@@ -288,20 +294,6 @@ def retrieval(client: MlflowClient, run_id: str) -> dict[str, float]:
             history.sort(key=lambda m: m.step)
             out[f"{name}@init"], out[f"{name}@end"] = history[0].value, history[-1].value
     return out
-
-
-def data_wait(config: Config) -> dict[str, float]:
-    """Runs the pretraining job and sums its per-step data wait and step time from MLflow."""
-    result = run_pretraining(config)
-    client = MlflowClient(result.tracking_uri)
-    wait = [m.value for m in client.get_metric_history(result.mlflow_run_id, "perf/data_wait_s")]
-    step = [m.value for m in client.get_metric_history(result.mlflow_run_id, "perf/step_time_s")]
-    return {
-        "steps": len(step),
-        "data_wait_fraction": sum(wait) / sum(step),
-        "data_wait_fraction_median_step": statistics.median(w / s for w, s in zip(wait, step, strict=True)),
-        **retrieval(client, result.mlflow_run_id),
-    }
 
 
 def whole_job_table(config: Config, bare_run: dict[str, list[float]], job: dict) -> str:
